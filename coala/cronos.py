@@ -1,0 +1,570 @@
+"""CRONOS: ADMM for the convex ReLU program, with Nystrom-preconditioned conjugate gradients.
+
+The program and the maps ``F`` and ``G`` are defined in ``coala.cvxnn``. ADMM
+splits it as ``min 1/2||F u - y||^2 + beta ||v||_{2,1} + I_{>=0}(s)`` subject to
+``u = v`` and ``G u = s``, with scaled duals ``lam`` (for ``u = v``) and ``nu``
+(for ``G u = s``)::
+
+    u   <- solve (F^T F + rho I + rho G^T G) u = F^T y + rho (v - lam) + rho G^T (s - nu)
+    v   <- group soft-threshold(u + lam, beta / rho)
+    s   <- max(G u + nu, 0)
+    lam <- lam + gamma_a (u - v);   nu <- nu + gamma_a (G u - s)
+
+The u-system is solved by preconditioned conjugate gradients (``pcg``), warm
+started from the previous u. Its matrix does not change between iterations, so
+the randomized Nystrom preconditioner (Frangella, Tropp & Udell, "Randomized
+Nystrom preconditioning", SIAM J. Matrix Anal. Appl. 2023) is built once per
+run. One ADMM iteration is one jitted XLA program (``admm_step``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from coala import cvxnn
+
+logger = logging.getLogger(__name__)
+
+Array = jax.Array
+
+# PCG exit status codes.
+PCG_CONVERGED = 0
+PCG_MAX_ITERATIONS = 1
+PCG_BREAKDOWN = 2
+PCG_STATUS_NAMES = {PCG_CONVERGED: "converged", PCG_MAX_ITERATIONS: "max_iterations", PCG_BREAKDOWN: "breakdown"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Preconditioned conjugate gradients
+
+
+class PCGResult(NamedTuple):
+    """Result of ``pcg``.
+
+    Attributes:
+      x: (N,) the approximate solution.
+      iterations: number of CG iterations run.
+      residual_norm: ``||b - A x||_2`` as tracked by the recurrence.
+      status: ``PCG_CONVERGED``, ``PCG_MAX_ITERATIONS`` or ``PCG_BREAKDOWN``
+        (a non-positive or non-finite curvature ``p^T A p``; x is the last good iterate).
+    """
+
+    x: Array
+    iterations: Array
+    residual_norm: Array
+    status: Array
+
+
+def pcg(
+    matvec: Callable[[Array], Array],
+    b: Array,
+    x0: Array | None = None,
+    precond: Callable[[Array], Array] | None = None,
+    tol: float | Array = 1e-6,
+    max_iters: int | Array = 100,
+) -> PCGResult:
+    """Solve ``A x = b`` for symmetric positive definite A by preconditioned conjugate gradients.
+
+    Runs as one ``lax.while_loop``; ``tol`` and ``max_iters`` may be traced values.
+    Stops when ``||b - A x|| <= tol * ||b||``, after ``max_iters`` iterations, or on
+    breakdown. A zero right-hand side returns ``x = 0`` after zero iterations.
+
+    Args:
+      matvec: the map ``x -> A x`` on (N,) vectors.
+      b: (N,) right-hand side.
+      x0: (N,) warm start; zeros when ``None``.
+      precond: the map ``r -> M^{-1} r`` of an SPD preconditioner; identity when ``None``.
+      tol: relative residual tolerance (> 0).
+      max_iters: iteration cap (>= 0).
+    """
+    if precond is None:
+        precond = _identity
+    b_norm = jnp.linalg.norm(b)
+    zero_rhs = b_norm == 0
+    x = jnp.zeros_like(b) if x0 is None else jnp.where(zero_rhs, jnp.zeros_like(b), x0)
+    r = b - matvec(x)
+    z = precond(r)
+    rz = jnp.vdot(r, z)
+    threshold = tol * b_norm
+    max_iters = jnp.asarray(max_iters, dtype=jnp.int32)
+
+    # Carry: iteration, x, r, z, p, r.z, ||r||, breakdown flag.
+    init = (jnp.asarray(0, jnp.int32), x, r, z, z, rz, jnp.linalg.norm(r), jnp.asarray(False))
+
+    def keep_going(carry: tuple) -> Array:
+        k, _, _, _, _, _, r_norm, broke = carry
+        return (k < max_iters) & (r_norm > threshold) & ~broke
+
+    def cg_iteration(carry: tuple) -> tuple:
+        k, x, r, z, p, rz, r_norm, _ = carry
+        Ap = matvec(p)
+        curvature = jnp.vdot(p, Ap)
+        broke = ~(jnp.isfinite(curvature) & (curvature > 0) & jnp.isfinite(rz))
+        alpha = jnp.where(broke, 0.0, rz / jnp.where(broke, 1.0, curvature))
+        x_new = x + alpha * p
+        r_new = r - alpha * Ap
+        z_new = precond(r_new)
+        rz_new = jnp.vdot(r_new, z_new)
+        beta = jnp.where(rz == 0, 0.0, rz_new / jnp.where(rz == 0, 1.0, rz))
+        p_new = z_new + beta * p
+        # On breakdown keep the previous iterate so the result stays finite.
+        x_new, r_new, r_norm_new = jax.lax.cond(
+            broke,
+            lambda: (x, r, r_norm),
+            lambda: (x_new, r_new, jnp.linalg.norm(r_new)),
+        )
+        return (k + 1, x_new, r_new, z_new, p_new, rz_new, r_norm_new, broke)
+
+    k, x, _, _, _, _, r_norm, broke = jax.lax.while_loop(keep_going, cg_iteration, init)
+    status = jnp.where(
+        r_norm <= threshold, PCG_CONVERGED, jnp.where(broke, PCG_BREAKDOWN, PCG_MAX_ITERATIONS)
+    ).astype(jnp.int32)
+    return PCGResult(x=x, iterations=k, residual_norm=r_norm, status=status)
+
+
+def _identity(r: Array) -> Array:
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomized Nystrom preconditioner
+
+
+class NystromPreconditioner(NamedTuple):
+    """A rank-r Nystrom approximation ``U diag(S) U^T`` of a PSD matrix H, used for ``H + mu I``.
+
+    Attributes:
+      U: (N, r) orthonormal columns.
+      S: (r,) eigenvalue estimates, descending, non-negative.
+      mu: the shift of the system ``H + mu I`` (> 0).
+    """
+
+    U: Array
+    S: Array
+    mu: Array
+
+
+def nystrom_approximation(
+    matvec: Callable[[Array], Array], dim: int, rank: int, mu: float | Array, key: Array, dtype: Any = jnp.float32
+) -> NystromPreconditioner:
+    """Build the randomized Nystrom preconditioner of ``H + mu I`` from ``rank`` products with H.
+
+    Follows Algorithm 2.1 of Frangella, Tropp & Udell (2023): a Gaussian test matrix
+    ``Omega`` (N, r) with orthonormal columns, the sketch ``Y = H Omega`` and a small
+    shift ``sigma = sqrt(N) * eps * ||Y||_F`` for stability. The core
+    ``Omega^T (Y + sigma Omega)`` is inverted through its eigendecomposition with
+    eigenvalues floored above zero (in place of the paper's Cholesky factor), so a
+    rank-deficient H or a zero sketch gives finite output. A non-finite result falls
+    back to the identity preconditioner (``U = 0``).
+
+    Args:
+      matvec: the map ``x -> H x`` on (N,) vectors, H symmetric PSD.
+      dim: N.
+      rank: r, 1 <= r <= N.
+      mu: the shift of the system (> 0).
+      key: JAX PRNG key for the test matrix.
+      dtype: floating dtype of the result.
+    """
+    if not 1 <= rank <= dim:
+        raise ValueError(f"Nystrom rank must be between 1 and the system size {dim}, got {rank}.")
+    omega = jax.random.normal(key, (dim, rank), dtype=dtype)
+    omega, _ = jnp.linalg.qr(omega)
+    sketch = jax.vmap(matvec, in_axes=1, out_axes=1)(omega)  # (N, r) = H Omega
+    eps = jnp.finfo(dtype).eps
+    shift = math.sqrt(dim) * eps * jnp.linalg.norm(sketch)
+    shifted = sketch + shift * omega
+    core = omega.T @ shifted
+    core = 0.5 * (core + core.T)
+    core_eigenvalues, core_vectors = jnp.linalg.eigh(core)
+    floor = jnp.maximum(jnp.max(core_eigenvalues) * eps * rank, jnp.finfo(dtype).tiny)
+    inv_sqrt = core_vectors @ jnp.diag(1.0 / jnp.sqrt(jnp.maximum(core_eigenvalues, floor))) @ core_vectors.T
+    factor = shifted @ inv_sqrt
+    U, singular_values, _ = jnp.linalg.svd(factor, full_matrices=False)
+    S = jnp.maximum(singular_values**2 - shift, 0.0)
+    finite = jnp.all(jnp.isfinite(U)) & jnp.all(jnp.isfinite(S))
+    U = jnp.where(finite, U, 0.0)
+    S = jnp.where(finite, S, 0.0)
+    return NystromPreconditioner(U=U, S=S, mu=jnp.asarray(mu, dtype=dtype))
+
+
+def apply_nystrom(pre: NystromPreconditioner, r: Array) -> Array:
+    """Return ``P^{-1} r = (S_r + mu) U diag(1 / (S + mu)) U^T r + (I - U U^T) r`` (N,)."""
+    coefficients = pre.U.T @ r
+    smallest = pre.S[-1]
+    return pre.U @ ((smallest + pre.mu) / (pre.S + pre.mu) * coefficients) + r - pre.U @ coefficients
+
+
+# ----------------------------------------------------------------------------------------------
+# ADMM
+
+
+class Problem(NamedTuple):
+    """The training data of one CRONOS run, on the device.
+
+    Attributes:
+      X: (n, d) standardized training features.
+      D: (n, P) 0/1 activation patterns.
+      y: (n,) labels in {-1, +1}.
+      XtX: (d, d) Gram matrix ``X^T X`` (the diagonal blocks of ``G^T G``).
+      Fty: (2, d, P) ``F^T y``.
+    """
+
+    X: Array
+    D: Array
+    y: Array
+    XtX: Array
+    Fty: Array
+
+
+def make_problem(X: np.ndarray, y: np.ndarray, D: np.ndarray, dtype: Any = jnp.float32) -> Problem:
+    """Validate and move a problem to the device in ``dtype``."""
+    X = np.asarray(X)
+    y = np.asarray(y)
+    D = np.asarray(D)
+    cvxnn.check_problem(X, y, D)
+    Xj = jnp.asarray(X, dtype=dtype)
+    Dj = jnp.asarray(D, dtype=dtype)
+    yj = jnp.asarray(y, dtype=dtype)
+    return Problem(X=Xj, D=Dj, y=yj, XtX=Xj.T @ Xj, Fty=cvxnn.F_transpose_apply(Xj, Dj, yj))
+
+
+class ADMMState(NamedTuple):
+    """ADMM variables: u, v, lam (2, d, P); s, nu (2, n, P)."""
+
+    u: Array
+    v: Array
+    s: Array
+    lam: Array
+    nu: Array
+
+
+def initial_state(problem: Problem) -> ADMMState:
+    """Return the all-zero ADMM state for ``problem``."""
+    n, d = problem.X.shape
+    P = problem.D.shape[1]
+    zeros_u = jnp.zeros((2, d, P), problem.X.dtype)
+    zeros_s = jnp.zeros((2, n, P), problem.X.dtype)
+    return ADMMState(u=zeros_u, v=zeros_u, s=zeros_s, lam=zeros_u, nu=zeros_s)
+
+
+def curvature_apply(problem: Problem, rho: Array, u: Array) -> Array:
+    """Return ``(F^T F + rho G^T G) u`` (2, d, P): the PSD part of the u-system, without ``rho I``."""
+    Fu = cvxnn.F_apply(problem.X, problem.D, u)
+    return cvxnn.F_transpose_apply(problem.X, problem.D, Fu) + rho * cvxnn.gram_apply(problem.XtX, u)
+
+
+def group_soft_threshold(w: Array, threshold: Array) -> Array:
+    """Shrink every neuron block (2, d, P) of w towards zero by ``threshold`` in l2 norm."""
+    norms = cvxnn.group_norms(w)[:, None, :]
+    scale = jnp.maximum(1.0 - threshold / jnp.maximum(norms, jnp.finfo(w.dtype).tiny), 0.0)
+    return w * scale
+
+
+def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) -> NystromPreconditioner:
+    """Build the Nystrom preconditioner of the u-system ``F^T F + rho G^T G + rho I``."""
+    shape = problem.Fty.shape
+    dim = int(np.prod(shape))
+
+    def flat_curvature(x: Array) -> Array:
+        return curvature_apply(problem, rho, x.reshape(shape)).reshape(-1)
+
+    return nystrom_approximation(flat_curvature, dim, rank, rho, key, dtype=problem.X.dtype)
+
+
+build_preconditioner_jit = jax.jit(build_preconditioner, static_argnames=("rank",))
+
+
+def admm_step(
+    problem: Problem,
+    pre: NystromPreconditioner | None,
+    state: ADMMState,
+    rho: Array,
+    beta: Array,
+    gamma: Array,
+    pcg_tol: Array,
+    pcg_iters: Array,
+) -> tuple[ADMMState, dict[str, Array]]:
+    """Run one ADMM iteration; return the new state and its diagnostics.
+
+    Diagnostics: ``pcg_iterations``, ``pcg_residual`` (relative), ``pcg_status``,
+    ``primal_residual_uv`` = ||u - v||, ``primal_residual_gs`` = ||G u - s||,
+    ``dual_residual`` = rho ||(v - v_old) + G^T (s - s_old)||.
+    """
+    shape = state.u.shape
+    X, D = problem.X, problem.D
+
+    def flat_system(x: Array) -> Array:
+        u = x.reshape(shape)
+        return (curvature_apply(problem, rho, u) + rho * u).reshape(-1)
+
+    if pre is None:
+        precond = None
+    else:
+
+        def precond(r: Array) -> Array:
+            return apply_nystrom(pre, r)
+
+    rhs = problem.Fty + rho * (state.v - state.lam) + rho * cvxnn.G_transpose_apply(X, D, state.s - state.nu)
+    solve = pcg(flat_system, rhs.reshape(-1), state.u.reshape(-1), precond, pcg_tol, pcg_iters)
+    u = solve.x.reshape(shape)
+
+    v = group_soft_threshold(u + state.lam, beta / rho)
+    Gu = cvxnn.G_apply(X, D, u)
+    s = jnp.maximum(Gu + state.nu, 0.0)
+    lam = state.lam + gamma * (u - v)
+    nu = state.nu + gamma * (Gu - s)
+
+    rhs_norm = jnp.linalg.norm(rhs)
+    info = {
+        "pcg_iterations": solve.iterations,
+        "pcg_residual": solve.residual_norm / jnp.where(rhs_norm > 0, rhs_norm, 1.0),
+        "pcg_status": solve.status,
+        "primal_residual_uv": jnp.linalg.norm(u - v),
+        "primal_residual_gs": jnp.linalg.norm(Gu - s),
+        "dual_residual": rho * jnp.linalg.norm((v - state.v) + cvxnn.G_transpose_apply(X, D, s - state.s)),
+    }
+    return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), info
+
+
+admm_step_jit = jax.jit(admm_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class CronosSettings:
+    """Solver settings of a CRONOS run.
+
+    Attributes:
+      beta: group-lasso strength (> 0).
+      rho: ADMM penalty (> 0); also the shift of the u-system.
+      step_ratio: dual step gamma_a, in (0, 2).
+      admm_iters: number of ADMM iterations (>= 1).
+      pcg_iters: PCG iteration cap per ADMM iteration (>= 1).
+      pcg_tol: PCG relative residual tolerance (> 0).
+      nystrom_rank: rank of the Nystrom preconditioner; 0 runs plain CG.
+      seed: seed of the Nystrom test matrix.
+    """
+
+    beta: float = 1e-3
+    rho: float = 1e-4
+    step_ratio: float = 1.0
+    admm_iters: int = 6
+    pcg_iters: int = 32
+    pcg_tol: float = 1e-6
+    nystrom_rank: int = 20
+    seed: int = 0
+
+    def validate(self, system_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first invalid setting and its valid range."""
+        checks = [
+            ("beta", self.beta > 0 and math.isfinite(self.beta), "a finite number > 0"),
+            ("rho", self.rho > 0 and math.isfinite(self.rho), "a finite number > 0"),
+            ("step_ratio", 0 < self.step_ratio < 2, "in (0, 2)"),
+            ("admm_iters", int(self.admm_iters) == self.admm_iters and self.admm_iters >= 1, "an integer >= 1"),
+            ("pcg_iters", int(self.pcg_iters) == self.pcg_iters and self.pcg_iters >= 1, "an integer >= 1"),
+            ("pcg_tol", 0 < self.pcg_tol < 1, "in (0, 1)"),
+            ("nystrom_rank", int(self.nystrom_rank) == self.nystrom_rank and self.nystrom_rank >= 0, "an integer >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid; it must be {expected}.")
+        if system_size is not None and self.nystrom_rank > system_size:
+            raise ValueError(
+                f"nystrom_rank={self.nystrom_rank} exceeds the u-system size 2*d*P={system_size}; pass a smaller --nystrom_rank."
+            )
+
+
+@dataclass
+class EvalSplit:
+    """Features and labels on which iterates are scored.
+
+    Attributes:
+      X: (m, d) standardized features.
+      y: (m,) labels in {-1, +1}.
+      pairs: (k, 2) row indices (chosen, rejected) of aligned pairs, or ``None`` for unpaired data.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    pairs: np.ndarray | None = None
+
+
+@dataclass
+class CronosResult:
+    """Outcome of ``run_cronos``.
+
+    Attributes:
+      v_last: (2, d, P) last v iterate.
+      v_average: (2, d, P) ergodic average of v over all iterations.
+      v_kept: (2, d, P) the iterate chosen on the validation split.
+      kept: ``{"iterate": "last" | "average", "iteration": k, ...}`` with the selection score.
+      history: one dict of diagnostics per iteration.
+      seconds: wall time of the whole run, including compilation.
+      compile_seconds: wall time of the first ADMM step (compilation included).
+    """
+
+    v_last: np.ndarray
+    v_average: np.ndarray
+    v_kept: np.ndarray
+    kept: dict[str, Any]
+    history: list[dict[str, Any]]
+    seconds: float
+    compile_seconds: float
+    settings: CronosSettings = field(default_factory=CronosSettings)
+
+
+def accuracies(scores: np.ndarray, split: EvalSplit) -> tuple[float, float | None]:
+    """Return (text accuracy ``mean(sign(score) == y)``, pairwise accuracy ``mean(r_chosen > r_rejected)``).
+
+    A score of exactly zero counts as a wrong prediction. Pairwise accuracy is ``None`` without pairs.
+    """
+    scores = np.asarray(scores)
+    text = float(np.mean(np.sign(scores) == split.y)) if split.y.size else float("nan")
+    if split.pairs is None or len(split.pairs) == 0:
+        return text, None
+    pairwise = float(np.mean(scores[split.pairs[:, 0]] > scores[split.pairs[:, 1]]))
+    return text, pairwise
+
+
+@jax.jit
+def _scores(X: Array, v: Array) -> Array:
+    return cvxnn.network_output(X, v)
+
+
+@jax.jit
+def _iterate_metrics(problem: Problem, v: Array, beta: Array) -> tuple[Array, Array]:
+    return cvxnn.objective(problem.X, problem.D, problem.y, v, beta), cvxnn.constraint_violation(problem.X, problem.D, v)
+
+
+def _selection_key(record: dict[str, Any], suffix: str) -> tuple[float, float, float]:
+    """Rank an iterate: validation text accuracy, then validation pairwise accuracy, then lower objective."""
+    pairwise = record[f"validation_pairwise_accuracy{suffix}"]
+    return (record[f"validation_accuracy{suffix}"], -1.0 if pairwise is None else pairwise, -record[f"objective{suffix}"])
+
+
+def run_cronos(
+    problem: Problem,
+    settings: CronosSettings,
+    train: EvalSplit | None = None,
+    validation: EvalSplit | None = None,
+    progress: bool = True,
+) -> CronosResult:
+    """Run CRONOS on ``problem``, recording diagnostics per iteration and keeping the best iterate.
+
+    Every iteration records the objective and constraint violation of the last v
+    and of the ergodic average, the residuals, the PCG iteration count, and the
+    accuracies of both iterates on ``train`` and ``validation``. The kept iterate
+    maximizes validation text accuracy, then validation pairwise accuracy, then
+    lower objective; without a validation split the last iterate is kept.
+
+    NOTE: The O(1/K) rate of ADMM holds for the ergodic average; the last iterate
+    usually converges faster in practice, so both are scored.
+    """
+    dtype = problem.X.dtype
+    shape = problem.Fty.shape
+    settings.validate(system_size=int(np.prod(shape)))
+    rho = jnp.asarray(settings.rho, dtype)
+    beta = jnp.asarray(settings.beta, dtype)
+    gamma = jnp.asarray(settings.step_ratio, dtype)
+    pcg_tol = jnp.asarray(settings.pcg_tol, dtype)
+    pcg_iters = jnp.asarray(settings.pcg_iters, jnp.int32)
+
+    start = time.perf_counter()
+    pre = None
+    if settings.nystrom_rank > 0:
+        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, jax.random.PRNGKey(settings.seed))
+        pre = jax.block_until_ready(pre)
+    state = initial_state(problem)
+    v_sum = jnp.zeros(shape, dtype)
+    history: list[dict[str, Any]] = []
+    best_key: tuple | None = None
+    kept: dict[str, Any] = {"iterate": "last", "iteration": 0}
+    v_kept = np.zeros(shape)
+    compile_seconds = 0.0
+    eval_splits = {
+        name: (jnp.asarray(split.X, dtype), split)
+        for name, split in (("train", train), ("validation", validation))
+        if split is not None
+    }
+
+    iterations = tqdm(range(1, settings.admm_iters + 1), desc="CRONOS ADMM", disable=not progress, leave=False)
+    for k in iterations:
+        step_start = time.perf_counter()
+        state, info = admm_step_jit(problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters)
+        v_sum = v_sum + state.v
+        v_average = v_sum / k
+        objective_last, violation_last = _iterate_metrics(problem, state.v, beta)
+        objective_average, violation_average = _iterate_metrics(problem, v_average, beta)
+        record = {key: value.item() for key, value in jax.device_get(info).items()}
+        if k == 1:
+            compile_seconds = time.perf_counter() - step_start
+        record.update(
+            iteration=k,
+            objective=float(objective_last),
+            objective_average=float(objective_average),
+            constraint_violation=float(violation_last),
+            constraint_violation_average=float(violation_average),
+            pcg_status=PCG_STATUS_NAMES[int(record["pcg_status"])],
+            pcg_iterations=int(record["pcg_iterations"]),
+        )
+        if not all(math.isfinite(record[name]) for name in ("objective", "primal_residual_uv", "dual_residual")):
+            raise FloatingPointError(
+                f"CRONOS diverged at iteration {k} (objective {record['objective']}); "
+                "try a larger --rho, a smaller --step_ratio, or --x64."
+            )
+        candidates = {"last": state.v, "average": v_average}
+        for split_name, (X_device, split) in eval_splits.items():
+            for iterate_name, v in candidates.items():
+                text, pairwise = accuracies(np.asarray(_scores(X_device, v)), split)
+                suffix = "" if iterate_name == "last" else "_average"
+                record[f"{split_name}_accuracy{suffix}"] = text
+                record[f"{split_name}_pairwise_accuracy{suffix}"] = pairwise
+        record["seconds"] = time.perf_counter() - start
+        history.append(record)
+
+        if validation is not None:
+            for iterate_name, v in candidates.items():
+                suffix = "" if iterate_name == "last" else "_average"
+                key = _selection_key(record, suffix)
+                if best_key is None or key >= best_key:
+                    best_key = key
+                    kept = {
+                        "iterate": iterate_name,
+                        "iteration": k,
+                        "objective": record[f"objective{suffix}"],
+                        "validation_accuracy": record[f"validation_accuracy{suffix}"],
+                        "validation_pairwise_accuracy": record[f"validation_pairwise_accuracy{suffix}"],
+                    }
+                    v_kept = np.asarray(v)
+        iterations.set_postfix(objective=f"{record['objective']:.4g}", pcg=record["pcg_iterations"])
+
+    seconds = time.perf_counter() - start
+    if validation is None:
+        kept = {"iterate": "last", "iteration": settings.admm_iters, "objective": history[-1]["objective"]}
+        v_kept = np.asarray(state.v)
+    logger.info(
+        "CRONOS finished %d iterations in %.2fs (first step with compilation %.2fs); kept the %s iterate of iteration %d.",
+        settings.admm_iters, seconds, compile_seconds, kept["iterate"], kept["iteration"],
+    )
+    return CronosResult(
+        v_last=np.asarray(state.v),
+        v_average=np.asarray(v_sum / settings.admm_iters),
+        v_kept=v_kept,
+        kept=kept,
+        history=history,
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        settings=settings,
+    )
