@@ -158,6 +158,19 @@ def load_pair_splits(data_path: str, split_seed: int, max_pairs: int | None, see
     return splits, info
 
 
+def pair_unpaired_texts(texts: Sequence[Any], seed: int) -> list[dict[str, Any]]:
+    """Pair each positive text with a negative one after a seeded shuffle of both (the shorter list sets the count)."""
+    rng = random.Random(seed)
+    positive = [t for t in texts if t.label > 0]
+    negative = [t for t in texts if t.label < 0]
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    return [
+        {"prompt": pos.prompt, "chosen": pos.text, "rejected": neg.text, "pair_id": f"{pos.text_id}|{neg.text_id}", "prompt_messages": None}
+        for pos, neg in zip(positive, negative)
+    ]
+
+
 def to_trl_records(records: Sequence[dict[str, Any]], method: str, conversational: bool) -> list[dict[str, Any]]:
     """Turn pairs into TRL's dataset rows.
 

@@ -439,13 +439,19 @@ def accuracies(scores: np.ndarray, split: EvalSplit) -> tuple[float, float | Non
 
 
 @jax.jit
-def _scores(X: Array, v: Array) -> Array:
-    return cvxnn.network_output(X, v)
+def _scores(X: Array, v: Array, v_average: Array) -> Array:
+    """Return the network outputs (2, m) of the last and the averaged iterate on X (m, d)."""
+    return jnp.stack([cvxnn.network_output(X, v), cvxnn.network_output(X, v_average)])
 
 
 @jax.jit
-def _iterate_metrics(problem: Problem, v: Array, beta: Array) -> tuple[Array, Array]:
-    return cvxnn.objective(problem.X, problem.D, problem.y, v, beta), cvxnn.constraint_violation(problem.X, problem.D, v)
+def _track(problem: Problem, v_sum: Array, v: Array, k: Array, beta: Array) -> tuple[Array, Array, Array, Array]:
+    """Update the running sum of v; return it, the average, objectives (2,) and violations (2,) of last and average."""
+    v_sum = v_sum + v
+    v_average = v_sum / k
+    objectives = jnp.stack([cvxnn.objective(problem.X, problem.D, problem.y, w, beta) for w in (v, v_average)])
+    violations = jnp.stack([cvxnn.constraint_violation(problem.X, problem.D, w) for w in (v, v_average)])
+    return v_sum, v_average, objectives, violations
 
 
 def _selection_key(record: dict[str, Any], suffix: str) -> tuple[float, float, float]:
@@ -503,10 +509,9 @@ def run_cronos(
     for k in iterations:
         step_start = time.perf_counter()
         state, info = admm_step_jit(problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters)
-        v_sum = v_sum + state.v
-        v_average = v_sum / k
-        objective_last, violation_last = _iterate_metrics(problem, state.v, beta)
-        objective_average, violation_average = _iterate_metrics(problem, v_average, beta)
+        v_sum, v_average, objectives, violations = _track(problem, v_sum, state.v, jnp.asarray(k, dtype), beta)
+        objective_last, objective_average = np.asarray(objectives).tolist()
+        violation_last, violation_average = np.asarray(violations).tolist()
         record = {key: value.item() for key, value in jax.device_get(info).items()}
         if k == 1:
             compile_seconds = time.perf_counter() - step_start
@@ -526,9 +531,9 @@ def run_cronos(
             )
         candidates = {"last": state.v, "average": v_average}
         for split_name, (X_device, split) in eval_splits.items():
-            for iterate_name, v in candidates.items():
-                text, pairwise = accuracies(np.asarray(_scores(X_device, v)), split)
-                suffix = "" if iterate_name == "last" else "_average"
+            scores = np.asarray(_scores(X_device, state.v, v_average))
+            for row, suffix in ((0, ""), (1, "_average")):
+                text, pairwise = accuracies(scores[row], split)
                 record[f"{split_name}_accuracy{suffix}"] = text
                 record[f"{split_name}_pairwise_accuracy{suffix}"] = pairwise
         record["seconds"] = time.perf_counter() - start

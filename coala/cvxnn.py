@@ -175,3 +175,120 @@ def check_problem(X: np.ndarray, y: np.ndarray, D: np.ndarray) -> None:
         raise ValueError(f"y has a single class ({float(y[0]):+.0f}); the classifier needs both +1 and -1 labels.")
     if not np.all(np.isin(D, (0.0, 1.0))):
         raise ValueError("D must contain only 0 and 1 (activation patterns).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data from a Stage 1 feature folder
+
+# Feature standard deviations are floored at this value so constant features do not divide by zero.
+STD_FLOOR = 1e-6
+
+
+@dataclass
+class LabeledSplit:
+    """One split as a classification problem.
+
+    Attributes:
+      raw: (m, d) pooled features as stored, chosen rows first, then rejected rows.
+      X: (m, d) standardized features.
+      y: (m,) labels, +1 for chosen rows and -1 for rejected rows.
+      pairs: (k, 2) row indices (chosen, rejected) of aligned pairs, or ``None`` for unpaired data.
+    """
+
+    raw: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    pairs: np.ndarray | None
+
+
+@dataclass
+class TrainingData:
+    """Labeled, standardized splits and the standardization statistics of the train split.
+
+    Attributes:
+      splits: ``{"train", "validation", "test"}`` -> ``LabeledSplit`` (a split without rows is absent).
+      feature_mean: (d,) train mean, zeros when standardization is off.
+      feature_std: (d,) train std floored at ``STD_FLOOR``, ones when standardization is off.
+    """
+
+    splits: dict[str, LabeledSplit]
+    feature_mean: np.ndarray
+    feature_std: np.ndarray
+
+
+def build_training_data(
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    chosen_split: np.ndarray,
+    rejected_split: np.ndarray,
+    paired: bool,
+    standardize: bool = True,
+) -> TrainingData:
+    """Label chosen rows +1 and rejected rows -1 per split, and standardize with train statistics.
+
+    Args:
+      chosen, rejected: (n_c, d), (n_r, d) pooled features.
+      chosen_split, rejected_split: (n_c,), (n_r,) split names per row.
+      paired: whether row i of chosen and rejected come from the same prompt.
+      standardize: subtract the train mean and divide by the floored train std.
+
+    Raises:
+      ValueError: when the shapes disagree, a value is not finite, or the train split
+        lacks rows or one of the two classes.
+    """
+    chosen = np.asarray(chosen, dtype=np.float64)
+    rejected = np.asarray(rejected, dtype=np.float64)
+    if chosen.ndim != 2 or rejected.ndim != 2 or chosen.shape[1] != rejected.shape[1]:
+        raise ValueError(f"chosen {chosen.shape} and rejected {rejected.shape} features must be 2-D with the same width d.")
+    if paired and chosen.shape[0] != rejected.shape[0]:
+        raise ValueError(f"Paired data needs as many chosen rows as rejected rows, got {chosen.shape[0]} and {rejected.shape[0]}.")
+    for name, array in (("chosen", chosen), ("rejected", rejected)):
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} features have {int(np.sum(~np.isfinite(array)))} NaN or infinite entries; extract them again.")
+    train_chosen = chosen[chosen_split == "train"]
+    train_rejected = rejected[rejected_split == "train"]
+    if len(train_chosen) == 0 and len(train_rejected) == 0:
+        raise ValueError("The train split has no rows; check the split column of meta.jsonl.")
+    if len(train_chosen) == 0 or len(train_rejected) == 0:
+        present = "chosen (+1)" if len(train_chosen) else "rejected (-1)"
+        raise ValueError(f"The train split has a single class: only {present} rows. The classifier needs both labels.")
+
+    train_rows = np.concatenate([train_chosen, train_rejected])
+    if standardize:
+        mean = train_rows.mean(axis=0)
+        std = np.maximum(train_rows.std(axis=0), STD_FLOOR)
+    else:
+        mean = np.zeros(chosen.shape[1])
+        std = np.ones(chosen.shape[1])
+
+    splits = {}
+    for name in ("train", "validation", "test"):
+        split_chosen = chosen[chosen_split == name]
+        split_rejected = rejected[rejected_split == name]
+        if len(split_chosen) + len(split_rejected) == 0:
+            continue
+        raw = np.concatenate([split_chosen, split_rejected])
+        y = np.concatenate([np.ones(len(split_chosen)), -np.ones(len(split_rejected))])
+        pairs = None
+        if paired:
+            index = np.arange(len(split_chosen))
+            pairs = np.stack([index, index + len(split_chosen)], axis=1)
+        splits[name] = LabeledSplit(raw=raw, X=(raw - mean) / std, y=y, pairs=pairs)
+    return TrainingData(splits=splits, feature_mean=mean, feature_std=std)
+
+
+def recovery_gap(X: np.ndarray, D: np.ndarray, u: np.ndarray, weights: ReluWeights) -> dict[str, float]:
+    """Compare the recovered network ``relu(X theta1) theta2`` with ``F u`` on the training data.
+
+    Returns the absolute l2 gap, the gap relative to ``||F u||``, and the constraint
+    violation ``||min(G u, 0)||`` that bounds why they differ (zero violation, zero gap).
+    """
+    F_u = np.asarray(F_apply(jnp.asarray(X), jnp.asarray(D), jnp.asarray(u)))
+    network = relu_network(X, weights.theta1, weights.theta2)
+    gap = float(np.linalg.norm(network - F_u))
+    scale = float(np.linalg.norm(F_u))
+    return {
+        "gap": gap,
+        "relative_gap": gap / scale if scale > 0 else gap,
+        "constraint_violation": float(constraint_violation(jnp.asarray(X), jnp.asarray(D), jnp.asarray(u))),
+    }

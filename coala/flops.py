@@ -262,6 +262,16 @@ def cronos_matvec_count(num_patterns: int, admm_iters: int, pcg_iters: int, nyst
     return per_apply * nystrom_rank + admm_iters * (per_apply * pcg_iters + 5 * num_patterns)
 
 
+def cronos_matvecs_measured(num_patterns: int, pcg_iterations: Iterable[int], nystrom_rank: int) -> int:
+    """Products with X of a finished CRONOS solve from its recorded PCG iterations per ADMM iteration.
+
+    Same accounting as ``cronos_matvec_count`` with the real PCG counts.
+    """
+    iterations = [int(k) for k in pcg_iterations]
+    per_apply = 6 * num_patterns
+    return per_apply * (nystrom_rank + sum(iterations)) + 5 * num_patterns * len(iterations)
+
+
 def cronos_flops(num_samples: int, feature_dim: int, matvecs: int) -> float:
     """FLOPs of ``matvecs`` products of X (n x d) with a vector: ``2 n d`` each."""
     return 2.0 * num_samples * feature_dim * matvecs

@@ -163,6 +163,7 @@ class LocalJudge:
                     input_ids=input_ids.to(device),
                     attention_mask=attention.to(device),
                     position_ids=positions.to(device),
+                    logits_to_keep=1,
                 ).logits[:, -1, :]
             probabilities = torch.softmax(logits.float(), dim=-1)[:, list(self.label_ids)]
             result[batch] = probabilities.cpu().numpy().astype(np.float64)

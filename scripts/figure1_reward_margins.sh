@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Regenerate the paper's Figure 1figure1 into ${RESULTS_ROOT:-results}/figure1/ (table.md, table.csv, reward_margins.png).
+#
+#   SCALE=small bash scripts/figure1_reward_margins.sh    SmolLM2-135M on CPU, offline (default)
+#   SCALE=paper bash scripts/figure1_reward_margins.sh    the paper's models on a GPU; needs the hub
+#   SCALE=ci    bash scripts/figure1_reward_margins.sh    a tiny model in seconds to minutes (tests)
+
+#
+# RESULTS_ROOT sets where results go; WORK_DIR where runs are cached (default RESULTS_ROOT/work/runs/SCALE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-$([ "${SCALE:-small}" = paper ] && echo 0 || echo 1)}"
+args=(figure1 --scale "${SCALE:-small}" --results_root "${RESULTS_ROOT:-results}")
+[ -n "${WORK_DIR:-}" ] && args+=(--work_dir "$WORK_DIR")
+
+exec python scripts/reproduce.py "${args[@]}"

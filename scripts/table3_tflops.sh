@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Regenerate the paper's table3 into ${RESULTS_ROOT:-results}/table3/ (table.md, table.csv).
+#
+#   SCALE=small bash scripts/table3_tflops.sh    SmolLM2-135M on CPU, offline (default)
+#   SCALE=paper bash scripts/table3_tflops.sh    the paper's models on a GPU; needs the hub
+#   SCALE=ci    bash scripts/table3_tflops.sh    a tiny model in seconds to minutes (tests)
+
+#
+# RESULTS_ROOT sets where results go; WORK_DIR where runs are cached (default RESULTS_ROOT/work/runs/SCALE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-$([ "${SCALE:-small}" = paper ] && echo 0 || echo 1)}"
+args=(table3 --scale "${SCALE:-small}" --results_root "${RESULTS_ROOT:-results}")
+[ -n "${WORK_DIR:-}" ] && args+=(--work_dir "$WORK_DIR")
+
+exec python scripts/reproduce.py "${args[@]}"

@@ -1,0 +1,184 @@
+"""Tests of PCG, the Nystrom preconditioner and ADMM against an independent conic solver."""
+
+from __future__ import annotations
+
+import logging
+
+import cvxpy as cp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coala import cronos, cvxnn
+
+
+def spd_matrix(N: int, eigenvalues: np.ndarray, seed: int) -> np.ndarray:
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((N, N)))
+    return (Q * eigenvalues) @ Q.T
+
+
+def solve_with_cvxpy(X: np.ndarray, y: np.ndarray, D: np.ndarray, beta: float) -> float:
+    """Solve the constrained group-lasso program with Clarabel and return its optimal value."""
+    d, P = X.shape[1], D.shape[1]
+    U = cp.Variable((d, P))
+    Z = cp.Variable((d, P))
+    prediction = sum(cp.multiply(D[:, i], X @ (U[:, i] - Z[:, i])) for i in range(P))
+    constraints = []
+    for i in range(P):
+        signs = 2 * D[:, i] - 1
+        constraints += [cp.multiply(signs, X @ U[:, i]) >= 0, cp.multiply(signs, X @ Z[:, i]) >= 0]
+    penalty = sum(cp.norm(U[:, i]) + cp.norm(Z[:, i]) for i in range(P))
+    problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(prediction - y) + beta * penalty), constraints)
+    problem.solve(solver=cp.CLARABEL)
+    assert problem.status == cp.OPTIMAL
+    return float(problem.value)
+
+
+def test_admm_matches_cvxpy_objective():
+    rng = np.random.default_rng(0)
+    n, d, P, beta = 200, 10, 4, 1.0
+    X = rng.standard_normal((n, d))
+    y = np.sign(X @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n))
+    D, _ = cvxnn.sample_patterns(X, P, seed=1)
+    reference = solve_with_cvxpy(X, y, D, beta)
+    settings = cronos.CronosSettings(beta=beta, rho=1.0, admm_iters=1000, pcg_iters=50, pcg_tol=1e-10, nystrom_rank=20)
+    with jax.enable_x64(True):
+        problem = cronos.make_problem(X, y, D, dtype=jnp.float64)
+        result = cronos.run_cronos(problem, settings, progress=False)
+        Gv_norm = float(jnp.linalg.norm(cvxnn.G_apply(problem.X, problem.D, jnp.asarray(result.v_last))))
+    last = result.history[-1]
+    assert abs(last["objective"] - reference) / reference < 1e-3
+    assert last["constraint_violation"] / Gv_norm < 1e-3
+    assert last["primal_residual_uv"] < 1e-3
+
+
+def test_pcg_solves_spd_system():
+    N = 60
+    A = spd_matrix(N, np.linspace(1.0, 50.0, N), seed=1)
+    b = np.random.default_rng(2).standard_normal(N)
+    with jax.enable_x64(True):
+        A_j = jnp.asarray(A)
+        result = cronos.pcg(lambda x: A_j @ x, jnp.asarray(b), tol=1e-10, max_iters=200)
+    assert int(result.status) == cronos.PCG_CONVERGED
+    assert int(result.iterations) <= N
+    np.testing.assert_allclose(np.asarray(result.x), np.linalg.solve(A, b), rtol=1e-7, atol=1e-8)
+    assert np.linalg.norm(A @ np.asarray(result.x) - b) <= 1e-9 * np.linalg.norm(b)
+
+
+def test_nystrom_cuts_pcg_iterations():
+    N, rank, mu = 400, 40, 1e-3
+    eigenvalues = 1e4 * 0.7 ** np.arange(N)  # fast spectral decay, condition number about 1e7
+    H = spd_matrix(N, eigenvalues, seed=3)
+    b = np.random.default_rng(4).standard_normal(N)
+    with jax.enable_x64(True):
+        H_j = jnp.asarray(H)
+
+        def curvature(x):
+            return H_j @ x
+
+        def system(x):
+            return H_j @ x + mu * x
+
+        pre = cronos.nystrom_approximation(curvature, N, rank, mu, jax.random.PRNGKey(0), dtype=jnp.float64)
+
+        def precond(r):
+            return cronos.apply_nystrom(pre, r)
+
+        plain = cronos.pcg(system, jnp.asarray(b), tol=1e-8, max_iters=2000)
+        preconditioned = cronos.pcg(system, jnp.asarray(b), precond=precond, tol=1e-8, max_iters=2000)
+    assert int(preconditioned.status) == cronos.PCG_CONVERGED
+    assert int(plain.iterations) >= 3 * int(preconditioned.iterations)
+    expected = np.linalg.solve(H + mu * np.eye(N), b)
+    np.testing.assert_allclose(np.asarray(preconditioned.x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pcg_zero_and_tiny_rhs():
+    A = jnp.asarray(spd_matrix(20, np.linspace(1.0, 5.0, 20), seed=5), dtype=jnp.float32)
+    start = jnp.ones(20, jnp.float32)
+    zero = cronos.pcg(lambda x: A @ x, jnp.zeros(20, jnp.float32), x0=start, tol=1e-6, max_iters=50)
+    assert int(zero.iterations) == 0
+    assert np.all(np.asarray(zero.x) == 0)
+    assert int(zero.status) == cronos.PCG_CONVERGED
+    tiny = cronos.pcg(lambda x: A @ x, jnp.full(20, 1e-30, jnp.float32), tol=1e-4, max_iters=50)
+    assert np.all(np.isfinite(np.asarray(tiny.x)))
+    assert int(tiny.status) != cronos.PCG_BREAKDOWN or int(tiny.iterations) > 0
+
+
+def test_nystrom_of_zero_and_low_rank_matrices_is_finite():
+    N = 30
+    for H in (np.zeros((N, N)), np.outer(np.arange(N), np.arange(N)) / N):
+        H_j = jnp.asarray(H, jnp.float32)
+        pre = cronos.nystrom_approximation(lambda x: H_j @ x, N, 10, 1e-2, jax.random.PRNGKey(1))
+        r = jnp.ones(N, jnp.float32)
+        applied = np.asarray(cronos.apply_nystrom(pre, r))
+        assert np.all(np.isfinite(np.asarray(pre.U)))
+        assert np.all(np.asarray(pre.S) >= 0)
+        assert np.all(np.isfinite(applied))
+        result = cronos.pcg(lambda x: H_j @ x + 1e-2 * x, r, precond=lambda v: cronos.apply_nystrom(pre, v), tol=1e-5, max_iters=100)
+        assert np.all(np.isfinite(np.asarray(result.x)))
+        np.testing.assert_allclose(np.asarray(H_j @ result.x + 1e-2 * result.x), np.ones(N), rtol=1e-3, atol=1e-3)
+
+
+def test_admm_duplicate_rows_stay_finite():
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((20, 5))
+    X = np.concatenate([base, base, base])  # rank-deficient: every row three times
+    X[:, 4] = X[:, 3]  # and two identical columns
+    y = np.where(np.arange(60) % 2 == 0, 1.0, -1.0)
+    D, _ = cvxnn.sample_patterns(X, 3, seed=0)
+    problem = cronos.make_problem(X, y, D)
+    settings = cronos.CronosSettings(beta=1e-3, rho=1e-4, admm_iters=5, nystrom_rank=10)
+    result = cronos.run_cronos(problem, settings, progress=False)
+    for record in result.history:
+        for key in ("objective", "primal_residual_uv", "primal_residual_gs", "dual_residual", "pcg_residual"):
+            assert np.isfinite(record[key]), (key, record)
+    assert np.all(np.isfinite(result.v_last))
+
+
+def test_admm_step_compiles_once(caplog):
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((40, 4)).astype(np.float32)
+    y = np.where(rng.standard_normal(40) > 0, 1.0, -1.0)
+    D, _ = cvxnn.sample_patterns(X, 2, seed=0)
+    problem = cronos.make_problem(X, y, D)
+    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=6, nystrom_rank=4)
+    split = cronos.EvalSplit(X, y)
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        cronos.run_cronos(problem, settings, train=split, validation=split, progress=False)
+    compiles = [record for record in caplog.records if "jit(admm_step)" in record.getMessage()]
+    assert len(compiles) <= 1
+    cache_size = cronos.admm_step_jit._cache_size()
+    cronos.run_cronos(problem, settings, train=split, validation=split, progress=False)
+    assert cronos.admm_step_jit._cache_size() == cache_size
+
+
+def test_history_records_every_iteration():
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((60, 5))
+    y = np.sign(X[:, 0] + 0.1)
+    D, _ = cvxnn.sample_patterns(X, 3, seed=0)
+    problem = cronos.make_problem(X, y, D)
+    split = cronos.EvalSplit(X, y, pairs=None)
+    result = cronos.run_cronos(problem, cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=4), split, split, progress=False)
+    assert [record["iteration"] for record in result.history] == [1, 2, 3, 4]
+    for key in ("objective", "objective_average", "primal_residual_uv", "primal_residual_gs", "dual_residual",
+                "pcg_iterations", "train_accuracy", "validation_accuracy", "validation_accuracy_average", "seconds"):
+        assert key in result.history[-1], key
+    assert result.kept["iterate"] in ("last", "average")
+    assert 1 <= result.kept["iteration"] <= 4
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [({"rho": 0.0}, "rho"), ({"rho": -1.0}, "rho"), ({"beta": 0.0}, "beta"), ({"admm_iters": 0}, "admm_iters"),
+     ({"step_ratio": 2.5}, "step_ratio"), ({"pcg_tol": 0.0}, "pcg_tol"), ({"nystrom_rank": -1}, "nystrom_rank")],
+)
+def test_settings_reject_nonsense(change, name):
+    with pytest.raises(ValueError, match=name):
+        cronos.CronosSettings(**change).validate()
+
+
+def test_nystrom_rank_above_system_size_rejected():
+    with pytest.raises(ValueError, match="nystrom_rank"):
+        cronos.CronosSettings(nystrom_rank=50).validate(system_size=40)
