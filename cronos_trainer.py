@@ -204,8 +204,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     import jax
 
-    if args.x64:
-        jax.config.update("jax_enable_x64", True)
+    # float64 only inside this run, so a caller's JAX settings are left as they were.
+    with jax.enable_x64(bool(args.x64)):
+        return train(args)
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Train, score and save the head described by ``args``; return the head folder."""
+    import jax
     import jax.numpy as jnp
 
     from coala import adamw_baseline, cronos, cvxnn

@@ -1,4 +1,6 @@
-"""Evaluate on AlpacaEval 2: generate answers, judge them, print the paper's Table 1 and Table 2.
+"""Evaluate on AlpacaEval 2: generate outputs, judge them, print Table 1 and Table 2 of the COALA paper.
+
+The paper: Feng & Pilanci, "Convex Optimization for Alignment and Preference Learning on a Single GPU", ICML 2026.
 
     python eval_alpaca.py generate --model_path M [--head HEAD_DIR] --eval_set E --output_dir O
         writes O/model_outputs.json (AlpacaEval format) and O/generation_config.json
@@ -43,7 +45,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--eval_set", default="tatsu-lab/alpaca_eval", help="JSON/JSONL(.gz) file with 'instruction' per record, or a hub data set id")
         parser.add_argument("--output_dir", required=True, help="folder for model_outputs.json; rerunning resumes it")
         parser.add_argument("--generator_name", default=None, help="'generator' field of the outputs (default: model folder name, +coala with --head)")
-        parser.add_argument("--max_new_tokens", type=int, default=512, help="generated tokens per answer, the same for every method")
+        parser.add_argument("--max_new_tokens", type=int, default=512, help="generated tokens per output, the same for every method")
         parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (> 0)")
         parser.add_argument("--top_p", type=float, default=0.9, help="nucleus probability mass in (0, 1]")
         parser.add_argument("--top_k", type=int, default=50, help="most likely tokens kept before sampling")
@@ -169,7 +171,7 @@ def default_generator_name(model_path: str, head: str | None) -> str:
 
 def run_judge(args: argparse.Namespace) -> None:
     from coala.alpaca import align_on_instruction, load_eval_set, load_model_outputs
-    from coala.io import atomic_write_json, read_json
+    from coala.io import atomic_write_json
     from coala.judge import align_annotations_to_reference, annotate_with_alpaca_eval, load_annotations
     from coala.winrate import judge_metrics
 
@@ -198,7 +200,7 @@ def run_judge(args: argparse.Namespace) -> None:
 
     # Metrics, labelled for the table command
     metrics = judge_metrics(annotations, positions, args.alpaca_eval_data, args.lc_approximation)
-    generation = read_json(Path(args.outputs).parent / "generation_config.json") if args.outputs and (Path(args.outputs).parent / "generation_config.json").is_file() else {}
+    generation = read_generation_config(args.outputs)
     metrics["judge"] = args.judge
     metrics["n_reference"] = len(reference)
     metrics["run"] = {
@@ -222,6 +224,16 @@ def run_judge(args: argparse.Namespace) -> None:
     print(f"Wrote {output_dir / 'annotations.json'} and {output_dir / 'metrics.json'}")
 
 
+def read_generation_config(outputs: str | None) -> dict:
+    """Return the generation_config.json written next to ``outputs`` by the generate command, or {}."""
+    from coala.io import read_json
+
+    if outputs is None:
+        return {}
+    path = Path(outputs).parent / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
 def run_local_judge(args: argparse.Namespace, model_path: str, rows: list) -> list[dict]:
     from coala.backbone import load_backbone, resolve_device
     from coala.judge import LocalJudge
@@ -242,14 +254,12 @@ def run_local_judge(args: argparse.Namespace, model_path: str, rows: list) -> li
 
 
 def run_table(args: argparse.Namespace) -> None:
+    from coala.io import atomic_write_text
     from coala.winrate import aggregate_runs, collect_runs, format_table_markdown
 
     runs = collect_runs(args.results_dir)
     table = aggregate_runs(runs)
     csv_path = Path(args.csv or Path(args.results_dir) / "table1.csv")
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    from coala.io import atomic_write_text
-
     atomic_write_text(csv_path, table.to_csv(index=False))
     print(format_table_markdown(table))
     print(f"\n{len(runs)} runs; wrote {csv_path}")

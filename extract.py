@@ -5,8 +5,8 @@
 writes ``extracted_features/<model>__<data>__<pool>[-response]/`` with chosen.npy,
 rejected.npy, meta.jsonl, manifest.json (and attn_scorer.safetensors for --pool attn).
 With --pool none the per-token features go to chosen_tokens.npy / rejected_tokens.npy
-with row offsets in chosen_offsets.npy / rejected_offsets.npy; the Stage 2 head
-cannot read that folder, which is meant for analysis.
+with row offsets in chosen_offsets.npy / rejected_offsets.npy. The Stage 2 head
+cannot read that folder because it needs one vector per text; it is meant for analysis.
 
 A killed run continues where it stopped when started again with the same arguments.
 """
@@ -17,10 +17,16 @@ import argparse
 import datetime
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from coala.config import ConfigError, add_config_flag, namespace_to_dict, parse_args_with_config
+from coala.config import (
+    ConfigError,
+    add_config_flag,
+    namespace_to_dict,
+    parse_args_with_config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,14 +71,17 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import numpy as np
     import torch
     import transformers
     from tqdm.auto import tqdm
 
     from coala import backbone, extraction
     from coala.data import assign_split, load_preferences
-    from coala.features import dataset_name_from_path, feature_dir_name, model_name_from_path
+    from coala.features import (
+        dataset_name_from_path,
+        feature_dir_name,
+        model_name_from_path,
+    )
     from coala.io import read_json, setup_logging
     from coala.pooling import make_attn_scorer
 
@@ -124,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         differences = extraction.describe_differences(finished.get("settings", {}), settings)
         if differences:
             raise extraction.ExtractionError(
-                f"{output_dir} already holds a finished extraction with other settings ({differences}). "
+                f"{output_dir} already contains a finished extraction with other settings ({differences}). "
                 "Pass --overwrite to replace it or --output_dir to write elsewhere."
             )
         print(f"{output_dir} is already complete with these settings; nothing to do (pass --overwrite to extract again).")
@@ -191,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "attn_scorer_seed": args.attn_seed if args.pool == "attn" else None,
         "seconds": round(compute_seconds, 3),
         "wall_seconds_last_run": round(time.perf_counter() - started, 3),
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": settings["versions"],
         "settings": settings,
         "arguments": namespace_to_dict(args),

@@ -3,7 +3,7 @@
 ``model_outputs.json`` is AlpacaEval's format: a JSON list of records with
 ``instruction``, ``output``, ``generator`` and ``dataset``. Generation rewrites
 the file atomically after every batch, so a restarted run skips the
-instructions already answered.
+instructions that already have an output.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def generate_outputs(
     batch_size: int,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Answer every eval instruction not yet in ``output_path``, rewriting the file after each batch.
+    """Generate an output for every eval instruction not yet in ``output_path``, rewriting the file after each batch.
 
     Args:
       eval_records: records with ``instruction`` and ``dataset``.
@@ -240,11 +240,11 @@ def generate_outputs(
         stale = [row["instruction"] for row in previous if row["instruction"] not in eval_instructions]
         if stale:
             raise AlpacaDataError(
-                f"{output_path} holds {len(stale)} instructions that are not in this eval set, e.g. {_preview(stale)}. "
+                f"{output_path} contains {len(stale)} instructions that are not in this eval set, e.g. {_preview(stale)}. "
                 "Use a new --output_dir for a different eval set."
             )
         done = {row["instruction"]: row for row in previous}
-        logger.info("Resuming: %d of %d instructions already answered in %s", len(done), len(eval_records), output_path)
+        logger.info("Resuming: %d of %d instructions already have outputs in %s", len(done), len(eval_records), output_path)
 
     todo = [index for index, row in enumerate(eval_records) if row["instruction"] not in done]
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -281,7 +281,7 @@ class SamplingSettings:
     """Decoding settings shared by plain and head-guided generation.
 
     Attributes:
-      max_new_tokens: generated tokens per answer (the same for every method).
+      max_new_tokens: generated tokens per output (the same for every method).
       temperature: softmax temperature (> 0).
       top_p: nucleus mass kept before sampling.
       top_k: most likely tokens kept before sampling.

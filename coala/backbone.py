@@ -22,9 +22,10 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from coala.io import sha256_file
 
@@ -118,7 +119,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a backbone comes from, resolved from ``--model_path`` and ``--gguf_file`` before loading.
+    """Source of a backbone, resolved from ``--model_path`` and ``--gguf_file`` before loading.
 
     Attributes:
       kind: "hub" (Hugging Face id), "folder" (local transformers folder),
@@ -131,7 +132,7 @@ class ModelSource:
     kind: str
     path: str
     gguf_file: str | None = None
-    base: "ModelSource | None" = None
+    base: ModelSource | None = None
 
 
 def _looks_like_local_path(model_path: str) -> bool:
@@ -154,7 +155,7 @@ def resolve_model_source(model_path: str, gguf_file: str | None = None) -> Model
         if local.suffix.lower() != ".gguf":
             raise BackboneError(f"--model_path {model_path} is a file but not a .gguf file; pass a model folder, a .gguf file or a hub id.")
         if gguf_file and Path(gguf_file).name != local.name:
-            raise BackboneError(f"--model_path is the GGUF file {local.name} but --gguf_file says {gguf_file}; pass only one of them.")
+            raise BackboneError(f"--model_path is the GGUF file {local.name} but --gguf_file is {gguf_file}; pass only one of them.")
         return ModelSource("gguf", str(local.parent), local.name)
     if local.is_dir():
         if gguf_file:
@@ -303,7 +304,7 @@ def _fingerprint_source(source: ModelSource) -> str:
     digest = hashlib.sha256()
     digest.update(source.kind.encode("utf-8"))
     if source.kind == "hub":
-        digest.update(f"{source.path}|{source.gguf_file or ''}".encode("utf-8"))
+        digest.update(f"{source.path}|{source.gguf_file or ''}".encode())
     elif source.kind == "gguf":
         digest.update(sha256_file(Path(source.path) / source.gguf_file).encode("ascii"))
     else:
@@ -322,8 +323,8 @@ def _fingerprint_source(source: ModelSource) -> str:
 def describe_model(model: Any) -> dict[str, int]:
     """Return ``hidden_size``, ``num_layers`` and ``num_parameters`` of a loaded model."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hidden_size = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    num_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    hidden_size = getattr(config, "hidden_size", None) or config.n_embd
+    num_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     return {
         "hidden_size": int(hidden_size),
         "num_layers": int(num_layers),

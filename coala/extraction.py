@@ -18,16 +18,29 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from coala.features import CHOSEN_FILE, MANIFEST_FILE, META_FILE, REJECTED_FILE, SCORER_FILE
-from coala.io import atomic_save_npy, atomic_write, atomic_write_json, atomic_write_text, read_json
+from coala.features import (
+    CHOSEN_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    REJECTED_FILE,
+    SCORER_FILE,
+)
+from coala.io import (
+    atomic_save_npy,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from coala.pooling import pool_hidden
 
 logger = logging.getLogger(__name__)
@@ -109,7 +122,7 @@ def encode_example(
 
     No end-of-turn token is appended after the response. The guided decoder scores
     a partial response by pooling exactly these tokens, so a finished response's
-    feature equals what the decoder sees mid-generation on the same tokens.
+    feature equals the feature the decoder computes mid-generation on the same tokens.
 
     Truncation to ``max_length`` keeps the response: the prompt is cut from the
     left first (its oldest tokens, including any BOS or template header, go
@@ -301,7 +314,7 @@ class ShardStore:
             differences = describe_differences(previous, self.settings)
             if differences:
                 raise ExtractionError(
-                    f"{self.output_dir} holds an unfinished extraction with other settings ({differences}), "
+                    f"{self.output_dir} contains an unfinished extraction with other settings ({differences}), "
                     "so it cannot be resumed. Rerun with the same settings, delete the folder, or pass --overwrite."
                 )
             committed = len(list(self.folder.glob("batch_*.safetensors")))
@@ -371,7 +384,7 @@ def run_batches(
 ) -> None:
     """Embed every batch not yet committed in ``store`` and commit it.
 
-    Each shard holds "indices" (b,) and "features": (b, H) pooled float32, or for
+    Each shard contains "indices" (b,) and "features": (b, H) pooled float32, or for
     ``pool == "none"`` the (sum of span lengths, H) token features plus "lengths" (b,).
     ``on_batch(batch_index, batch_len)`` is called after each batch, committed or skipped.
     """

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -235,8 +235,10 @@ def train_theta2(
     n = train_chosen.shape[0]
     batch_size = min(settings.batch_size, n)
     num_batches = -(-n // batch_size)
-    optimizer = optax.adamw(settings.learning_rate, weight_decay=settings.weight_decay)
-    run = _build_run(optimizer, settings.loss, settings.beta, settings.gamma, settings.epochs, batch_size, num_batches)
+    run = _build_run(
+        settings.learning_rate, settings.weight_decay, settings.loss, settings.beta, settings.gamma,
+        settings.epochs, batch_size, num_batches,
+    )
     theta2_best, theta2_final, best_epoch, train_history, val_history = run(
         jnp.asarray(theta2_init),
         jnp.asarray(train_chosen),
@@ -281,8 +283,10 @@ def _to_lists(history: dict[str, jax.Array]) -> dict[str, list[float]]:
     return {name: [float(value) for value in np.asarray(values)] for name, values in history.items()}
 
 
+@lru_cache(maxsize=16)
 def _build_run(
-    optimizer: optax.GradientTransformation,
+    learning_rate: float,
+    weight_decay: float,
     loss: str,
     beta: float,
     gamma: float,
@@ -290,7 +294,12 @@ def _build_run(
     batch_size: int,
     num_batches: int,
 ):
-    """Return a jitted function running every epoch; static settings are closed over."""
+    """Return a jitted function running every epoch; static settings are closed over.
+
+    Cached, so repeated runs with the same settings (other seeds or data of the
+    same shapes) reuse one compiled program.
+    """
+    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
     loss_and_grad = jax.value_and_grad(partial(pair_loss, loss=loss, beta=beta, gamma=gamma))
 
     def metrics(theta2, chosen, rejected):

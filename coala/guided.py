@@ -11,8 +11,8 @@ matrices applied in torch:
 ``generate`` samples with top-k then top-p (nucleus) filtering. With a head
 and a nonzero guidance scale lambda, every ``guide_every`` tokens the
 ``num_candidates`` most likely tokens of the nucleus pool are each appended
-to the prefix in one batched forward pass on an expanded copy of the KV
-cache (one token per candidate), pooled incrementally with
+to the prefix in one batched forward pass on a shallow copy of the KV
+cache (one token per candidate, see ``candidate_scores``), pooled incrementally with
 ``PoolState.peek``, scored, min-max normalized over the candidates (all equal
 gives zeros) and added as ``lambda * score`` to those candidates' logits.
 One token is then sampled from the reweighted pool. Both paths draw one
@@ -22,6 +22,7 @@ lambda = 0 (or no head) reproduces plain sampling token for token.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +263,7 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
-def generate(
+def generate_token_ids(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
@@ -274,8 +275,8 @@ def generate(
     batch_size: int = 8,
     prompt_messages: Sequence[Messages | None] | None = None,
     show_progress: bool = False,
-) -> list[str]:
-    """Sample one response per prompt, optionally guided by a preference head.
+) -> list[list[int]]:
+    """Sample one response per prompt, optionally guided by a preference head; return the new token ids.
 
     Args:
       model: a causal LM (transformers), used frozen in inference mode.
@@ -290,7 +291,7 @@ def generate(
       show_progress: show a tqdm bar over batches.
 
     Returns:
-      The decoded responses (special tokens skipped), one per prompt.
+      The sampled token ids per prompt, ending with the EOS id when the row stopped there.
     """
     config.validate()
     if isinstance(prompts, str):
@@ -318,15 +319,44 @@ def generate(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="generate", unit="batch")
-    outputs: list[str] = []
+    outputs: list[list[int]] = []
     for start in batches:
         rows = encoded[start : start + batch_size]
         generators = [torch.Generator().manual_seed(row_seed(seed, start + offset)) for offset in range(len(rows))]
         token_lists = _generate_batch(
             model, rows, generators, max_new_tokens, config, head if guided else None, eos_ids, pad_token_id(tokenizer)
         )
-        outputs.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in token_lists)
+        outputs.extend(token_lists)
     return outputs
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    head: PreferenceHead | None = None,
+    config: GuidanceConfig = GuidanceConfig(),
+    batch_size: int = 8,
+    prompt_messages: Sequence[Messages | None] | None = None,
+    show_progress: bool = False,
+) -> list[str]:
+    """Sample one response per prompt, optionally guided by a preference head.
+
+    Arguments as in ``generate_token_ids``. Each response is decoded once at the
+    end with ``skip_special_tokens=True``; incomplete byte sequences decode to
+    U+FFFD instead of raising.
+
+    Returns:
+      The decoded responses, one per prompt.
+    """
+    token_lists = generate_token_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, head=head, config=config,
+        batch_size=batch_size, prompt_messages=prompt_messages, show_progress=show_progress,
+    )
+    return [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in token_lists]
 
 
 @torch.inference_mode()
@@ -410,33 +440,43 @@ def candidate_scores(
     Args:
       model: the causal LM whose ``cache`` holds the prefixes.
       head: the preference head.
-      cache: KV cache of the B prefixes; it is not modified.
+      cache: KV cache of the B prefixes; the cache object and its tensors are not modified.
       attention: (B, T) attention mask of the prefixes (left padding as 0).
       next_position: (B,) position id of the next token of each row.
       state: pooling state of the prefixes.
       candidates: (B, C) candidate token ids.
 
-    The C candidates of every row run as one forward pass of B * C single
-    tokens on an expanded copy of the cache, and pooling is incremental
-    (``PoolState.peek``), so the prefix is never recomputed.
+    The C candidates of a row run as C extra tokens of that row in one forward
+    pass: all at the same position id, each attending to the prefix and to
+    itself only (a 4-D additive mask). This reads the prefix's keys and values
+    once per row instead of copying the cache C times. The pass runs on a
+    shallow copy of the cache, whose layers append to new tensors, and pooling
+    is incremental (``PoolState.peek``), so the prefix is never recomputed.
     """
     batch, count = candidates.shape
-    expanded = DynamicCache(
-        ddp_cache_data=[(keys.repeat_interleave(count, dim=0), values.repeat_interleave(count, dim=0)) for keys, values, *_ in cache],
-        config=model.config,
-    )
-    mask = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=attention.device)], dim=1)
+    prefix_length = attention.shape[1]
+    shadow = copy.copy(cache)
+    shadow.layers = [copy.copy(layer) for layer in cache.layers]
+
+    dtype = next(model.parameters()).dtype
+    blocked = torch.finfo(dtype).min
+    allowed = torch.zeros((), dtype=dtype, device=attention.device)
+    prefix = torch.where(attention.bool(), allowed, blocked).to(dtype)
+    prefix = prefix[:, None, None, :].expand(batch, 1, count, prefix_length)
+    own = torch.full((count, count), blocked, dtype=dtype, device=attention.device).fill_diagonal_(0.0)
+    own = own[None, None].expand(batch, 1, count, count)
+    mask = torch.cat([prefix, own], dim=-1)
+
     # The base transformer skips the output projection, as Stage 1's extraction does.
     base = getattr(model, "base_model", model)
     output = base(
-        input_ids=candidates.reshape(batch * count, 1),
-        attention_mask=mask.repeat_interleave(count, dim=0),
-        position_ids=next_position.repeat_interleave(count).unsqueeze(1),
-        cache=expanded,
+        input_ids=candidates,
+        attention_mask=mask,
+        position_ids=next_position.unsqueeze(1).expand(batch, count),
+        cache=shadow,
         use_cache=True,
     )
-    hidden = output.last_hidden_state.reshape(batch, count, -1)
-    pooled = PoolState.peek(state, hidden)
+    pooled = PoolState.peek(state, output.last_hidden_state)
     return head.score_pooled(pooled.reshape(batch * count, -1)).reshape(batch, count)
 
 

@@ -1,4 +1,5 @@
-"""Human-study votes to per-dataset win rates with 95% Wald intervals (the layout of the paper's Table 2).
+"""Human-study votes to per-dataset win rates with 95% Wald intervals, laid out as Table 2 of Feng & Pilanci,
+"Convex Optimization for Alignment and Preference Learning on a Single GPU" (ICML 2026).
 
 Each vote is one participant's choice of the best method for one question of
 one dataset. A method's win rate on a dataset is the share of that dataset's

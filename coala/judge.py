@@ -5,7 +5,7 @@ Three judges write the same annotation records (alpaca_eval's fields
 model, ``generator_2``, ``dataset``, ``annotator``, ``preference``):
 
 - ``LocalJudge``: an offline judge built on any causal LM. It shows both
-  answers under the labels A and B, reads the next-token probabilities of the
+  responses under the labels A and B, reads the next-token probabilities of the
   two labels, and does so for both presentation orders. With ``q_ref_first``
   = P(model's label) / (P(A) + P(B)) when the reference is shown as A, and
   ``q_model_first`` the same when the model's answer is shown as A, the
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 ALPACA_EVAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 LABELS = ("A", "B")
 
-JUDGE_PROMPT = """You compare two responses to the same instruction. Choose the response that follows the instruction better: the one that is more helpful, accurate and complete, without needless length.
+JUDGE_PROMPT = """Which response follows the instruction better: more helpful, accurate and complete, without needless length?
 
 Instruction:
 {instruction}
@@ -47,7 +47,7 @@ Response A:
 Response B:
 {response_b}
 
-Which response is better? Reply with the single letter A or B."""
+Reply with the single letter A or B."""
 
 # Appended after the prompt for a model without a chat template; the label then follows a space.
 PLAIN_ANSWER_CUE = "\n\nBetter response:"
@@ -70,7 +70,7 @@ class LocalJudgement:
       q_ref_first: probability of the model's label with the reference shown as A.
       q_model_first: probability of the model's label with the model's output shown as A.
       label_mass: mean over both orders of P(A) + P(B) under the full next-token
-        distribution; a small value means the judge rarely answers with a label.
+        distribution; a small value means the judge rarely outputs a label.
     """
 
     preference: np.ndarray
@@ -142,7 +142,7 @@ class LocalJudge:
         tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         encoded = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
-        # Longest first, so each batch holds prompts of similar length and little padding.
+        # Longest first, so each batch contains prompts of similar length and little padding.
         order = sorted(range(len(prompts)), key=lambda index: -len(encoded[index]))
         device = next(self.model.parameters()).device
         result = np.zeros((len(prompts), 2), dtype=np.float64)

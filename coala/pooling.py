@@ -142,7 +142,7 @@ class PoolState:
         hidden_size: int,
         scorer: np.ndarray | torch.Tensor | None = None,
         device: torch.device | str = "cpu",
-    ) -> "PoolState":
+    ) -> PoolState:
         """Return the empty state for ``batch`` sequences of width ``hidden_size``."""
         _check_method(method, scorer, hidden_size)
         device = torch.device(device)
@@ -156,7 +156,7 @@ class PoolState:
         )
 
     @staticmethod
-    def update(state: "PoolState", hidden: torch.Tensor, mask: torch.Tensor | None = None) -> "PoolState":
+    def update(state: PoolState, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> PoolState:
         """Return a new state with k more tokens per sequence pooled; ``state`` is left unchanged.
 
         Args:
@@ -196,7 +196,7 @@ class PoolState:
         return replace(state, count=count, total=total, normalizer=normalizer, running_max=new_max)
 
     @staticmethod
-    def value(state: "PoolState") -> torch.Tensor:
+    def value(state: PoolState) -> torch.Tensor:
         """Return the pooled vectors (B, H) float32; raise if a sequence has no pooled token yet."""
         if bool((state.count == 0).any()):
             empty = torch.nonzero(state.count == 0).flatten().tolist()
@@ -208,7 +208,7 @@ class PoolState:
         return state.total / state.normalizer.unsqueeze(-1)
 
     @staticmethod
-    def peek(state: "PoolState", hidden: torch.Tensor) -> torch.Tensor:
+    def peek(state: PoolState, hidden: torch.Tensor) -> torch.Tensor:
         """Return the pooled vectors if each of C candidate tokens were appended, without committing them.
 
         Args:

@@ -3,8 +3,8 @@
 Preferences follow alpaca_eval's coding: a float in [1, 2] is the probability
 that the model's output (``output_2``) beats the reference (``output_1``), plus
 one, so 1 means the reference wins, 2 means the model wins and 1.5 is a tie.
-The discrete coding 0/1/2 is accepted too, with 0 meaning a tie. NaN rows (a
-judge that failed to answer) are dropped and counted.
+The discrete coding 0/1/2 is accepted too, with 0 meaning a tie. NaN rows (pairs
+the judge returned no preference for) are dropped and counted.
 
 The win rate, discrete win rate and standard error are alpaca_eval's own
 ``alpaca_eval.metrics.get_winrate`` (version 0.6.6). The length-controlled (LC)
@@ -91,7 +91,7 @@ def preferences_to_array(preferences: Sequence[float | None]) -> np.ndarray:
 def compute_winrate(preferences: Sequence[float | None]) -> dict[str, Any]:
     """Compute alpaca_eval's win rate, discrete win rate and standard error (percent) of preferences.
 
-    NaN rows are dropped before the package sees them and counted in ``n_nan``.
+    NaN rows are dropped before the package receives them and counted in ``n_nan``.
     Ties (1.5, or 0 in the discrete coding) count as half a win.
 
     Returns:
@@ -244,6 +244,11 @@ def compute_length_controlled(
     Returns:
       ``length_controlled_winrate``, ``lc_standard_error``, ``lc_glm`` and
       ``lc_note`` (``None`` unless the difficulty term was left out).
+
+    NOTE: a position is only checked to exist in ``df_gamed.csv``. The judge command passes
+    positions in its --reference file, which match AlpacaEval's instruction index only when that
+    file lists the 805 official instructions in their official order (as the gpt4_1106_preview
+    reference outputs do).
     """
     if len(annotations) != len(positions):
         raise MetricsError(f"Got {len(annotations)} annotations but {len(positions)} positions.")
@@ -252,6 +257,8 @@ def compute_length_controlled(
     if missing_columns:
         raise MetricsError(f"{files.gamed} lacks columns {sorted(missing_columns)}; it is not alpaca_eval's {GAMED_FILE}.")
     known = set(gamed["index"].drop_duplicates().astype(int))
+    if not known:
+        raise MetricsError(f"{files.gamed} has no rows; download alpaca_eval's {GAMED_FILE} again.")
     outside = [i for i, position in enumerate(positions) if position is None or int(position) not in known]
 
     glm_info = None
@@ -260,7 +267,8 @@ def compute_length_controlled(
     if outside:
         # Any known position satisfies the package's difficulty lookup; the formula leaves the term out.
         filler = min(known)
-        positions = [filler if i in set(outside) else int(p) for i, p in enumerate(positions)]
+        outside_rows = set(outside)
+        positions = [filler if i in outside_rows else int(p) for i, p in enumerate(positions)]
         glm_info = {
             "formula": LC_FORMULA_WITHOUT_DIFFICULTY,
             "regularize_to_baseline_lambda": 0.2,
@@ -389,7 +397,7 @@ def collect_runs(results_dir: PathLike) -> list[RunResult]:
 
     Labels come from the file's ``run`` block (keys ``model``, ``method``,
     ``dataset``, ``seed``) when present, else from the folder layout
-    ``RESULTS_DIR/<model>/<method>/<dataset>/seed<k>/metrics.json``; a path one
+    ``RESULTS_DIR/<model>/<method>/<dataset>/seed<k>/metrics.json``. A path one
     level shorter (``<method>/<dataset>/seed<k>``) leaves the model as ``-``.
     """
     root = Path(results_dir)
@@ -443,7 +451,7 @@ def aggregate_runs(runs: Sequence[RunResult]) -> pd.DataFrame:
 
     The std is the sample standard deviation over seeds (ddof 1), 0 for a single
     seed. A metric that is null in some seeds (an LC win rate without the hub
-    files) is averaged over the seeds that have it, and ``<metric>_n`` says how many.
+    files) is averaged over the seeds that have it, and ``<metric>_n`` counts those seeds.
     """
     seen: dict[tuple[str, str, str, int | None], Path] = {}
     for run in runs:
@@ -461,7 +469,10 @@ def aggregate_runs(runs: Sequence[RunResult]) -> pd.DataFrame:
         for key, _ in TABLE_METRICS:
             values = [float(m.metrics[key]) for m in members if m.metrics.get(key) is not None]
             row[f"{key}_mean"] = float(np.mean(values)) if values else math.nan
-            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else math.nan)
+            if len(values) > 1:
+                row[f"{key}_std"] = float(np.std(values, ddof=1))
+            else:
+                row[f"{key}_std"] = 0.0 if values else math.nan
             row[f"{key}_n"] = len(values)
         reasons = {m.metrics.get("length_controlled_winrate_missing_reason") for m in members} - {None}
         row["lc_missing_reason"] = "; ".join(sorted(reasons)) if reasons else ""

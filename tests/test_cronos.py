@@ -66,30 +66,39 @@ def test_pcg_solves_spd_system():
     assert np.linalg.norm(A @ np.asarray(result.x) - b) <= 1e-9 * np.linalg.norm(b)
 
 
+NYSTROM_N, NYSTROM_RANK = 300, 40
+
+
+@jax.jit
+def solve_shifted(H: jax.Array, b: jax.Array, mu: jax.Array, key: jax.Array) -> tuple[cronos.PCGResult, cronos.PCGResult, cronos.NystromPreconditioner]:
+    """Solve ``(H + mu I) x = b`` by plain CG and by Nystrom-preconditioned CG."""
+
+    def curvature(x):
+        return H @ x
+
+    def system(x):
+        return H @ x + mu * x
+
+    pre = cronos.nystrom_approximation(curvature, NYSTROM_N, NYSTROM_RANK, mu, key, dtype=H.dtype)
+
+    def precond(r):
+        return cronos.apply_nystrom(pre, r)
+
+    plain = cronos.pcg(system, b, tol=1e-8, max_iters=3000)
+    preconditioned = cronos.pcg(system, b, precond=precond, tol=1e-8, max_iters=3000)
+    return plain, preconditioned, pre
+
+
 def test_nystrom_cuts_pcg_iterations():
-    N, rank, mu = 400, 40, 1e-3
-    eigenvalues = 1e4 * 0.7 ** np.arange(N)  # fast spectral decay, condition number about 1e7
-    H = spd_matrix(N, eigenvalues, seed=3)
-    b = np.random.default_rng(4).standard_normal(N)
+    mu = 1e-3
+    eigenvalues = 1e4 * 0.7 ** np.arange(NYSTROM_N)  # fast spectral decay, condition number about 1e7
+    H = spd_matrix(NYSTROM_N, eigenvalues, seed=3)
+    b = np.random.default_rng(4).standard_normal(NYSTROM_N)
     with jax.enable_x64(True):
-        H_j = jnp.asarray(H)
-
-        def curvature(x):
-            return H_j @ x
-
-        def system(x):
-            return H_j @ x + mu * x
-
-        pre = cronos.nystrom_approximation(curvature, N, rank, mu, jax.random.PRNGKey(0), dtype=jnp.float64)
-
-        def precond(r):
-            return cronos.apply_nystrom(pre, r)
-
-        plain = cronos.pcg(system, jnp.asarray(b), tol=1e-8, max_iters=2000)
-        preconditioned = cronos.pcg(system, jnp.asarray(b), precond=precond, tol=1e-8, max_iters=2000)
+        plain, preconditioned, _ = solve_shifted(jnp.asarray(H), jnp.asarray(b), jnp.asarray(mu), jax.random.PRNGKey(0))
     assert int(preconditioned.status) == cronos.PCG_CONVERGED
     assert int(plain.iterations) >= 3 * int(preconditioned.iterations)
-    expected = np.linalg.solve(H + mu * np.eye(N), b)
+    expected = np.linalg.solve(H + mu * np.eye(NYSTROM_N), b)
     np.testing.assert_allclose(np.asarray(preconditioned.x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -102,31 +111,40 @@ def test_pcg_zero_and_tiny_rhs():
     assert int(zero.status) == cronos.PCG_CONVERGED
     tiny = cronos.pcg(lambda x: A @ x, jnp.full(20, 1e-30, jnp.float32), tol=1e-4, max_iters=50)
     assert np.all(np.isfinite(np.asarray(tiny.x)))
-    assert int(tiny.status) != cronos.PCG_BREAKDOWN or int(tiny.iterations) > 0
+    assert int(tiny.status) == cronos.PCG_CONVERGED
 
 
 def test_nystrom_of_zero_and_low_rank_matrices_is_finite():
-    N = 30
-    for H in (np.zeros((N, N)), np.outer(np.arange(N), np.arange(N)) / N):
-        H_j = jnp.asarray(H, jnp.float32)
-        pre = cronos.nystrom_approximation(lambda x: H_j @ x, N, 10, 1e-2, jax.random.PRNGKey(1))
-        r = jnp.ones(N, jnp.float32)
-        applied = np.asarray(cronos.apply_nystrom(pre, r))
+    N, mu = NYSTROM_N, 1e-2
+    ramp = np.arange(N) / N
+    b = np.ones(N)
+    for H in (np.zeros((N, N)), np.outer(ramp, ramp)):
+        with jax.enable_x64(True):
+            _, result, pre = solve_shifted(jnp.asarray(H), jnp.asarray(b), jnp.asarray(mu), jax.random.PRNGKey(1))
         assert np.all(np.isfinite(np.asarray(pre.U)))
         assert np.all(np.asarray(pre.S) >= 0)
-        assert np.all(np.isfinite(applied))
-        result = cronos.pcg(lambda x: H_j @ x + 1e-2 * x, r, precond=lambda v: cronos.apply_nystrom(pre, v), tol=1e-5, max_iters=100)
         assert np.all(np.isfinite(np.asarray(result.x)))
-        np.testing.assert_allclose(np.asarray(H_j @ result.x + 1e-2 * result.x), np.ones(N), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose((H + mu * np.eye(N)) @ np.asarray(result.x), b, rtol=1e-6, atol=1e-6)
+
+
+SMALL_N, SMALL_D, SMALL_P = 60, 5, 3  # one shape for the float32 ADMM tests, so admm_step compiles once
+
+
+def small_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((SMALL_N, SMALL_D)).astype(np.float32)
+    y = np.where(X[:, 0] + 0.3 * rng.standard_normal(SMALL_N) > 0, 1.0, -1.0)
+    D, _ = cvxnn.sample_patterns(X, SMALL_P, seed=0)
+    return X, y, D
 
 
 def test_admm_duplicate_rows_stay_finite():
     rng = np.random.default_rng(6)
-    base = rng.standard_normal((20, 5))
+    base = rng.standard_normal((20, SMALL_D))
     X = np.concatenate([base, base, base])  # rank-deficient: every row three times
     X[:, 4] = X[:, 3]  # and two identical columns
-    y = np.where(np.arange(60) % 2 == 0, 1.0, -1.0)
-    D, _ = cvxnn.sample_patterns(X, 3, seed=0)
+    y = np.where(np.arange(SMALL_N) % 2 == 0, 1.0, -1.0)
+    D, _ = cvxnn.sample_patterns(X, SMALL_P, seed=0)
     problem = cronos.make_problem(X, y, D)
     settings = cronos.CronosSettings(beta=1e-3, rho=1e-4, admm_iters=5, nystrom_rank=10)
     result = cronos.run_cronos(problem, settings, progress=False)
@@ -137,16 +155,13 @@ def test_admm_duplicate_rows_stay_finite():
 
 
 def test_admm_step_compiles_once(caplog):
-    rng = np.random.default_rng(7)
-    X = rng.standard_normal((40, 4)).astype(np.float32)
-    y = np.where(rng.standard_normal(40) > 0, 1.0, -1.0)
-    D, _ = cvxnn.sample_patterns(X, 2, seed=0)
+    X, y, D = small_problem(seed=7)
     problem = cronos.make_problem(X, y, D)
-    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=6, nystrom_rank=4)
+    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=6, nystrom_rank=10)
     split = cronos.EvalSplit(X, y)
     with caplog.at_level(logging.WARNING), jax.log_compiles(True):
         cronos.run_cronos(problem, settings, train=split, validation=split, progress=False)
-    compiles = [record for record in caplog.records if "jit(admm_step)" in record.getMessage()]
+    compiles = [record for record in caplog.records if "XLA compilation of jit(admm_step)" in record.getMessage()]
     assert len(compiles) <= 1
     cache_size = cronos.admm_step_jit._cache_size()
     cronos.run_cronos(problem, settings, train=split, validation=split, progress=False)
@@ -154,13 +169,10 @@ def test_admm_step_compiles_once(caplog):
 
 
 def test_history_records_every_iteration():
-    rng = np.random.default_rng(8)
-    X = rng.standard_normal((60, 5))
-    y = np.sign(X[:, 0] + 0.1)
-    D, _ = cvxnn.sample_patterns(X, 3, seed=0)
+    X, y, D = small_problem(seed=8)
     problem = cronos.make_problem(X, y, D)
     split = cronos.EvalSplit(X, y, pairs=None)
-    result = cronos.run_cronos(problem, cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=4), split, split, progress=False)
+    result = cronos.run_cronos(problem, cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=4, nystrom_rank=10), split, split, progress=False)
     assert [record["iteration"] for record in result.history] == [1, 2, 3, 4]
     for key in ("objective", "objective_average", "primal_residual_uv", "primal_residual_gs", "dual_residual",
                 "pcg_iterations", "train_accuracy", "validation_accuracy", "validation_accuracy_average", "seconds"):

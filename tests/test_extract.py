@@ -9,16 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from coala import backbone, extraction
 from coala.backbone import BackboneError
 from coala.config import ConfigError
 from coala.data import DataError, PreferenceData, Triplet, load_preferences
-from coala.extraction import ExtractionError, encode_example, encode_preferences, encode_prompt, plan_batches
+from coala.extraction import (
+    ExtractionError,
+    encode_example,
+    encode_preferences,
+    encode_prompt,
+    plan_batches,
+)
 from coala.features import FeatureError, load_features
 from coala.pooling import make_attn_scorer, pool_hidden
-
-from conftest import REPO_ROOT
 
 
 def load_extract_script():
@@ -43,8 +48,7 @@ PAIRS = [
 
 def write_pairs(path: Path, pairs=PAIRS) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
-        for prompt, chosen, rejected in pairs:
-            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+        handle.writelines(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n" for prompt, chosen, rejected in pairs)
     return path
 
 
@@ -184,7 +188,7 @@ def test_extract_writes_loadable_folder(tiny_model_dir, pairs_file, tmp_path):
 
 
 def test_extract_rows_follow_input_order(tiny_model_dir, pairs_file, tmp_path):
-    """Row i holds pair i although batches were sorted by length: compare with pooling each text alone."""
+    """Row i contains pair i although batches were sorted by length: compare with pooling each text alone."""
     from transformers import AutoTokenizer
 
     out = tmp_path / "features"
@@ -264,6 +268,11 @@ def test_resume_after_crash_equals_uninterrupted(tiny_model_dir, pairs_file, tmp
     for name in ("chosen.npy", "rejected.npy"):
         assert np.array_equal(np.load(reference / name), np.load(crashed / name)), name
     assert (reference / "meta.jsonl").read_text() == (crashed / "meta.jsonl").read_text()
+
+    computed.clear()
+    finished = run_extract(tiny_model_dir, pairs_file, crashed, "--batch_size", "2")
+    assert computed == []
+    assert finished["counts"]["pairs"] == len(PAIRS)
 
 
 def test_changed_settings_refuse_to_resume(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
@@ -359,7 +368,7 @@ def test_config_section_sets_flags(tiny_model_dir, pairs_file, tmp_path):
 
 def test_smollm2_hh_rlhf_deterministic(smollm2_dir, hh_rlhf_file, tmp_path):
     argv = ["--model_path", str(smollm2_dir), "--data_path", str(hh_rlhf_file), "--max_pairs", "16",
-            "--pool", "attn", "--max_length", "160", "--batch_size", "8"]
+            "--pool", "attn", "--max_length", "96", "--batch_size", "16"]
     first = extract_script.main([*argv, "--output_dir", str(tmp_path / "first")])
     second = extract_script.main([*argv, "--output_dir", str(tmp_path / "second")])
     features = load_features(tmp_path / "first")

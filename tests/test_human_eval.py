@@ -30,7 +30,7 @@ def test_wald_interval_hand_computation() -> None:
 
     assert rate == pytest.approx(42 / 107)
     assert half_width == pytest.approx(1.959963984540054 * math.sqrt((42 / 107) * (65 / 107) / 107))
-    # Within rounding of the form the paper prints: 39.3% +/- 9.3%.
+    # Rounded as Table 2 prints it: 39.3% +/- 9.3%.
     assert round(100 * half_width, 1) == 9.3
 
 

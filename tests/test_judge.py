@@ -15,7 +15,7 @@ from coala.judge import JudgeError, LocalJudge, annotate_with_alpaca_eval, load_
 
 REFERENCE = ALPACA_DIR / "gpt4_1106_preview_model_outputs.json.gz"
 # Short answers keep the judge's prompts near 150 tokens, so the SmolLM2 tests stay fast on CPU.
-MODEL_ANSWERS = ["I do not know.", "Yes.", "It is a large city with many people."]
+MODEL_ANSWERS = ["I do not know.", "It is a large city with many people."]
 MAX_RESPONSE_TOKENS = 24
 
 
@@ -42,11 +42,16 @@ def smollm2_judge(smollm2_dir: Path) -> LocalJudge:
     return LocalJudge(model, tokenizer, batch_size=4, max_response_tokens=MAX_RESPONSE_TOKENS, name="local:smollm2")
 
 
-def test_judge_command_smollm2_end_to_end(smollm2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_judge_command_smollm2_and_swap(
+    smollm2_dir: Path, smollm2_judge: LocalJudge, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import eval_alpaca
 
     reference = reference_records()
-    outputs = [{"instruction": reference[i]["instruction"], "output": MODEL_ANSWERS[i], "generator": "short", "dataset": "x"} for i in range(3)]
+    outputs = [
+        {"instruction": reference[i]["instruction"], "output": answer, "generator": "short", "dataset": "x"}
+        for i, answer in enumerate(MODEL_ANSWERS)
+    ]
     outputs_path = tmp_path / "run" / "model_outputs.json"
     outputs_path.parent.mkdir()
     outputs_path.write_text(json.dumps(outputs))
@@ -58,7 +63,7 @@ def test_judge_command_smollm2_end_to_end(smollm2_dir: Path, tmp_path: Path, cap
             "--reference", str(REFERENCE),
             "--judge", f"local:{smollm2_dir}",
             "--judge_max_response_tokens", str(MAX_RESPONSE_TOKENS),
-            "--judge_batch_size", "6",
+            "--judge_batch_size", "4",
             "--alpaca_eval_data", str(tmp_path / "no-lc-files"),
             "--method", "plain",
             "--dataset", "none",
@@ -72,20 +77,15 @@ def test_judge_command_smollm2_end_to_end(smollm2_dir: Path, tmp_path: Path, cap
     assert all(0.0 < row["label_probability_mass"] <= 1.0 for row in annotations)
     for row in annotations:
         assert row["preference"] == pytest.approx((row["preference_reference_first"] + row["preference_model_first"]) / 2)
-    assert metrics["n_total"] == 3
+    assert metrics["n_total"] == len(MODEL_ANSWERS)
     assert metrics["win_rate"] == pytest.approx(100 * np.mean([row["preference"] - 1 for row in annotations]))
     assert metrics["avg_length"] == pytest.approx(np.mean([len(text) for text in MODEL_ANSWERS]))
     assert metrics["run"]["method"] == "plain"
     assert "LC win rate" in capsys.readouterr().out
 
-
-def test_swapping_output_and_reference_gives_3_minus_p(smollm2_judge: LocalJudge) -> None:
-    rows = short_rows()
-
-    forward = smollm2_judge.annotate(rows)
-    backward = smollm2_judge.annotate(swapped(rows))
-
-    for a, b in zip(forward, backward):
+    # Swapping output and reference maps each preference p to 3 - p.
+    backward = smollm2_judge.annotate(swapped(short_rows()))
+    for a, b in zip(annotations, backward):
         assert b["preference"] == pytest.approx(3.0 - a["preference"], abs=1e-4)
         # Each presentation order of the swapped pair is the other order of the original.
         assert b["preference_reference_first"] == pytest.approx(3.0 - a["preference_model_first"], abs=1e-4)
@@ -112,17 +112,15 @@ def test_judge_rejects_bad_settings(smollm2_judge: LocalJudge) -> None:
         smollm2_judge.judge(["a"], ["b", "c"], ["d"])
 
 
-def test_label_tokens_must_be_single_tokens(tiny_model_pad_eos_dir: Path) -> None:
+def test_multi_token_label_rejected(tiny_model_pad_eos_dir: Path) -> None:
     from coala.backbone import load_backbone
 
     model, tokenizer = load_backbone(str(tiny_model_pad_eos_dir))
-    encoded = [tokenizer.encode(f" {label}", add_special_tokens=False) for label in ("A", "B")]
-    if all(len(ids) == 1 for ids in encoded):
-        judge = LocalJudge(model, tokenizer)
-        assert judge.build_prompt("i", "a", "b").endswith("Better response:")
-    else:
-        with pytest.raises(JudgeError, match="single-token labels"):
-            LocalJudge(model, tokenizer)
+    # Without a chat template the labels follow a space, and the tiny tokenizer splits " B" in two.
+    assert len(tokenizer.encode(" B", add_special_tokens=False)) == 2
+
+    with pytest.raises(JudgeError, match="splits the label ' B' into 2 tokens"):
+        LocalJudge(model, tokenizer)
 
 
 # ---------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def write_lc_fixture(folder: Path, num_instructions: int, seed: int = 0) -> Path
 
 
 def synthetic_annotations(num: int, seed: int = 1) -> list[dict]:
-    """A model that writes longer answers than the reference and wins more often when it does."""
+    """A model that writes longer outputs than the reference and wins more often when it does."""
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(num):
@@ -174,10 +174,10 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     glm = winrate.import_alpaca_eval_metrics().glm_winrate
 
-    def refuse_download(*args, **kwargs):
+    def reject_download(*args, **kwargs):
         raise AssertionError(f"alpaca_eval tried to download {args} {kwargs}")
 
-    monkeypatch.setattr(glm, "hf_hub_download", refuse_download)
+    monkeypatch.setattr(glm, "hf_hub_download", reject_download)
 
 
 def test_lc_runs_offline_from_local_files(tmp_path: Path, no_network: None) -> None:
