@@ -83,7 +83,7 @@ def check_head_matches_features(head: HeadParams, features: FeatureSet) -> None:
     head_pool = (head.config.get("pooling") or {}).get("pool")
     feature_pool = features.manifest.get("pool")
     if head_pool and feature_pool and head_pool != feature_pool:
-        raise FinetuneError(f"The head uses pooling {head_pool!r} but {features.path} holds {feature_pool!r} features.")
+        raise FinetuneError(f"The head uses pooling {head_pool!r} but {features.path} contains {feature_pool!r} features; pass the --features_dir the head was trained on.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -168,15 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
     plot_reward_margins(result.history, output_dir / "reward_margins.png", result.best_epoch)
 
     # Summary
-    train, initial = summary["train"], summary["train_initial"]
     print(f"Fine-tuned theta2 on {counts['train']} train pairs for {settings.epochs} epochs ({result.steps} AdamW steps) in {seconds:.1f} s.")
     print(f"Kept epoch {result.best_epoch} (lowest {result.selected_by} loss).")
-    print(f"Train margin {initial['margin']:.4f} -> {train['margin']:.4f}, accuracy {initial['accuracy']:.3f} -> {train['accuracy']:.3f}.")
-    if "validation" in summary:
-        val, val_initial = summary["validation"], summary["validation_initial"]
-        print(f"Validation margin {val_initial['margin']:.4f} -> {val['margin']:.4f}, accuracy {val_initial['accuracy']:.3f} -> {val['accuracy']:.3f}.")
+    for split, history in result.history.items():
+        margins, accuracies = history["margin"], history["accuracy"]
+        print(
+            f"{split.capitalize()} margin {margins[0]:.4f} initially, {margins[-1]:.4f} after the last epoch, "
+            f"{margins[result.best_epoch]:.4f} at the kept epoch (accuracy {accuracies[0]:.3f}, {accuracies[-1]:.3f}, "
+            f"{accuracies[result.best_epoch]:.3f})."
+        )
     if "test" in summary:
-        print(f"Test margin {summary['test']['margin']:.4f}, accuracy {summary['test']['accuracy']:.3f}.")
+        print(f"Test margin {summary['test']['margin']:.4f}, accuracy {summary['test']['accuracy']:.3f} at the kept epoch.")
     monotonic = "rose monotonically" if summary["train_margin_monotonic"] else "did not rise monotonically"
     print(f"The train margin {monotonic} over the {settings.epochs} epochs.")
     print(f"Wrote {output_dir}/")

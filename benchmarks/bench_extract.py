@@ -15,6 +15,7 @@ forward pass.
 
     python benchmarks/bench_extract.py                       # full sizes
     python benchmarks/bench_extract.py --num_pairs 32 --probe_pairs 100 --max_length 256
+    python benchmarks/bench_extract.py --plan_only             # padding of both plans, no model run
 
 Results are printed and written as JSON to benchmarks/cache/bench_extract.json.
 """
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=32, help="sequences per batch (both methods)")
     parser.add_argument("--probe_pairs", type=int, default=400, help="pairs per data set for the pool_span probe; 0 skips the probe")
     parser.add_argument("--folds", type=int, default=4, help="cross-validation folds of the probe")
+    parser.add_argument("--plan_only", action="store_true", help="report only the padding of both batch plans (tokenizer only, no forward passes)")
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "cache" / "bench_extract.json"), help="JSON results file")
     return parser
 
@@ -70,6 +72,22 @@ def forward_pooled(model, examples, pad_id: int, width: int | None = None) -> tu
         whole = pool_hidden(hidden, extraction.span_mask(lengths, starts, hidden.shape[1], "all"), "mean")
         response = pool_hidden(hidden, extraction.span_mask(lengths, starts, hidden.shape[1], "response"), "mean")
     return whole, response
+
+
+def padding_plan(tokenizer, args) -> dict:
+    """Return padded-token fractions of both batch plans at the requested size, from tokenization alone."""
+    data = load_preferences(args.hh_path, max_pairs=args.num_pairs)
+    encoded = extraction.encode_preferences(tokenizer, data, args.max_length)
+    lengths = [example.length for example in encoded.examples]
+    real, padded = extraction.padding_counts(lengths, extraction.plan_batches(lengths, args.batch_size))
+    naive_total = args.max_length * len(lengths)
+    return {
+        "pairs": len(encoded.records),
+        "real_tokens": real,
+        "bucketed_padded_fraction": round(padded / (real + padded), 4),
+        "naive_padded_fraction": round((naive_total - real) / naive_total, 4),
+        "token_ratio_naive_over_bucketed": round(naive_total / (real + padded), 2),
+    }
 
 
 def measure_throughput(model, tokenizer, args, num_parameters: int) -> dict:
@@ -161,6 +179,9 @@ def main() -> None:
     args = build_parser().parse_args()
     setup_logging()
     model_path = args.model_path or str(backbone.ensure_converted_smollm2(args.model_cache))
+    if args.plan_only:
+        print(json.dumps(padding_plan(backbone.load_tokenizer(model_path), args), indent=2))
+        return
     model, tokenizer = backbone.load_backbone(model_path, dtype="float32", device="cpu")
     num_parameters = backbone.describe_model(model)["num_parameters"]
     results = {

@@ -4,9 +4,9 @@
 
 16 AlpacaEval instructions, 64 new tokens each, one batch of 16, top-k 50,
 top-p 0.9. Guided decoding scores C = 5 candidates every N = 5 tokens. Plain
-and guided runs alternate (plain, guided, plain, guided, ...) so that load
-from other jobs on a shared machine hits both alike; the median of the
-repeats is reported. Without ``--head_dir`` the head is a random
+and guided runs alternate (plain, guided, plain, guided, ...), so load from
+other jobs on a shared machine hits both alike. The median of the repeats is
+reported. Without ``--head_dir`` the head is a random
 attention-pooled head of the right shape: its weights do not change the cost.
 Target: guided throughput >= 0.6x plain.
 """

@@ -50,7 +50,7 @@ def timed(command: list[str], log_path: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=256, help="HH-RLHF pairs (first N of the harmless test file).")
-    parser.add_argument("--steps", type=int, default=2, help="Optimizer steps measured per baseline (batch 16 each).")
+    parser.add_argument("--steps", type=int, default=1, help="Optimizer steps measured per baseline (batch 16 each).")
     parser.add_argument("--max_length", type=int, default=256, help="Tokens per prompt + response for every method.")
     parser.add_argument("--work_dir", default="/tmp/coala-bench-methods", help="Folder for runs and results.")
     args = parser.parse_args()
@@ -65,12 +65,12 @@ def main() -> int:
         out = work / method
         command = [sys.executable, f"baselines/train_{method}.py", "--model_path", str(model_dir), "--data_path", str(HH_RLHF),
                    "--output_dir", str(out), "--max_pairs", str(args.pairs), "--max_length", str(args.max_length),
-                   "--max_steps", str(args.steps), "--device", "cpu", "--warmup_steps", "0"]
+                   "--max_steps", str(args.steps), "--device", "cpu", "--warmup_steps", "0", "--max_eval_pairs", "2"]
         measured = timed(command, work / f"{method}.log")
         metrics = json.loads((out / "metrics.json").read_text())
         train_pairs = metrics["data"]["counts"]["train"]
         steps_per_epoch = math.ceil(train_pairs / 16)
-        train_seconds = metrics["wall_seconds"]
+        train_seconds = metrics["train_seconds"]
         startup = measured["wall_seconds"] - train_seconds
         shape = flops.ModelShape.from_mapping(metrics["model_shape"])
         epoch_fraction = metrics["epochs"]
@@ -83,6 +83,7 @@ def main() -> int:
             "epoch_flops": metrics["analytic_flops"] / epoch_fraction,
             "trl_total_flos_measured_steps": metrics["trl_total_flos"],
         }
+        (work / "bench_methods.partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
     # COALA: Stage 1, CRONOS, Stage 3, each in full
     features = work / "features"

@@ -24,9 +24,9 @@ Table 1; one multiply-add = 2 FLOPs):
   ORPO: policy forward + backward on chosen and rejected, no reference.
   All three times the number of epochs.
 * COALA: Stage 1 forward on chosen and rejected once (no logits), plus the
-  CRONOS solver's matrix-vector products with the feature matrix X (n x d;
-  each product is ``2 n d`` FLOPs per activation pattern), plus fine-tuning
-  theta2 (the output-layer weights) on the frozen hidden layer.
+  CRONOS solver's matrix-vector products with the feature matrix X (n x d).
+  Each product costs ``2 n d`` FLOPs per activation pattern. Stage 3 adds
+  fine-tuning theta2 (the output-layer weights) on the frozen hidden layer.
 
 Transformers' ``Trainer`` counts ``6 x num_parameters(exclude_embeddings=True)
 x input tokens`` (padding included) for every training step

@@ -9,13 +9,14 @@ matrices applied in torch:
     r = theta2 . relu(theta1^T ((pooled - feature_mean) / feature_std))
 
 ``generate`` samples with top-k then top-p (nucleus) filtering. With a head
-and a nonzero guidance scale lambda, every ``guide_every`` tokens the
-``num_candidates`` most likely tokens of the nucleus pool are each appended
-to the prefix in one batched forward pass on a shallow copy of the KV
-cache (one token per candidate, see ``candidate_scores``), pooled incrementally with
-``PoolState.peek``, scored, min-max normalized over the candidates (all equal
-gives zeros) and added as ``lambda * score`` to those candidates' logits.
-One token is then sampled from the reweighted pool. Both paths draw one
+and a nonzero guidance scale lambda, the head acts every ``guide_every``
+tokens. The ``num_candidates`` most likely tokens of the nucleus pool are
+appended to the prefix in one batched forward pass, one token per candidate,
+on a shallow copy of the KV cache (see ``candidate_scores``). Their pooled
+features come from ``PoolState.peek``, and their head scores are min-max
+normalized over the candidates (all equal gives zeros) and added as
+``lambda * score`` to those candidates' logits. One token is then sampled
+from the reweighted pool. Both paths draw one
 uniform number per row and step from the same per-row generator, so
 lambda = 0 (or no head) reproduces plain sampling token for token.
 """
@@ -237,7 +238,7 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -
 
 
 def minmax_normalize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Min-max normalize scores (B, C) per row over the ``valid`` entries to [0, 1]; rows with equal scores give 0."""
+    """Min-max normalize scores (B, C) per row over the ``valid`` entries to [0, 1]. Rows whose scores are all equal give 0."""
     large = torch.finfo(scores.dtype).max
     low = torch.where(valid, scores, torch.full_like(scores, large)).min(dim=1, keepdim=True).values
     high = torch.where(valid, scores, torch.full_like(scores, -large)).max(dim=1, keepdim=True).values
@@ -310,6 +311,12 @@ def generate_token_ids(
         if len(ids) == 0:
             raise GuidanceError(f"Prompt {index} encodes to no tokens; pass a non-empty prompt.")
     guided = head is not None and config.guidance_scale > 0
+    attention_kind = getattr(model.config, "_attn_implementation", None)
+    if guided and attention_kind not in (None, "eager", "sdpa"):
+        raise GuidanceError(
+            f"Guided decoding scores candidates with a custom 4-D attention mask, which attention implementation "
+            f"{attention_kind!r} ignores. Load the model with attn_implementation='sdpa' or 'eager'."
+        )
     eos_ids = _eos_token_ids(model, tokenizer)
     if not eos_ids:
         logger.warning("The tokenizer has no EOS token: every response runs to max_new_tokens.")
@@ -438,9 +445,9 @@ def candidate_scores(
     """Return head scores (B, C) of each prefix extended by one candidate token.
 
     Args:
-      model: the causal LM whose ``cache`` holds the prefixes.
+      model: the causal LM whose ``cache`` contains the prefixes.
       head: the preference head.
-      cache: KV cache of the B prefixes; the cache object and its tensors are not modified.
+      cache: KV cache of the B prefixes. Neither the cache object nor its tensors are modified.
       attention: (B, T) attention mask of the prefixes (left padding as 0).
       next_position: (B,) position id of the next token of each row.
       state: pooling state of the prefixes.
@@ -455,6 +462,8 @@ def candidate_scores(
     """
     batch, count = candidates.shape
     prefix_length = attention.shape[1]
+    # NOTE: a sliding-window cache layer keeps fewer keys than the mask has prefix columns once the
+    # prefix exceeds the window, so prefixes longer than a model's sliding window are unsupported.
     shadow = copy.copy(cache)
     shadow.layers = [copy.copy(layer) for layer in cache.layers]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write configs/<model>_<dataset>.yaml for every (model, data set) the paper ran, plus the offline SmolLM2 ones.
+"""Write configs/<model>_<dataset>.yaml for every (model, data set) of Feng & Pilanci (ICML 2026), plus offline SmolLM2 ones.
 
     python scripts/make_configs.py            # rewrites configs/*.yaml
 

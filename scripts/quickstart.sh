@@ -11,6 +11,7 @@
 #
 # Reduced settings (CI, smoke runs), all optional:
 #   QUICKSTART_MAX_PAIRS       extract only the first N pairs            (default: all)
+#   QUICKSTART_MAX_LENGTH      max tokens per prompt + response          (default: extract.py's)
 #   QUICKSTART_ADMM_ITERS      CRONOS ADMM iterations                    (default: cronos_trainer.py's)
 #   QUICKSTART_EPOCHS          COALA fine-tuning epochs                  (default: 500)
 #   QUICKSTART_MAX_NEW_TOKENS  tokens per generation in the summary      (default: 64)
@@ -48,6 +49,7 @@ extract_extra=()
 cronos_extra=()
 finetune_extra=()
 [[ -n "${QUICKSTART_MAX_PAIRS:-}" ]] && extract_extra+=(--max_pairs "$QUICKSTART_MAX_PAIRS")
+[[ -n "${QUICKSTART_MAX_LENGTH:-}" ]] && extract_extra+=(--max_length "$QUICKSTART_MAX_LENGTH")
 [[ -n "${QUICKSTART_ADMM_ITERS:-}" ]] && cronos_extra+=(--admm_iters "$QUICKSTART_ADMM_ITERS")
 [[ -n "${QUICKSTART_EPOCHS:-}" ]] && finetune_extra+=(--epochs "$QUICKSTART_EPOCHS")
 

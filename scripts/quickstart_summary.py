@@ -47,8 +47,8 @@ def held_out_prompts(manifest: dict[str, Any], meta: list[dict[str, Any]], count
     """Return up to ``count`` (prompt, prompt_messages) of test pairs, then validation pairs, from the data set."""
     from coala.data import DataError, load_preferences
 
-    wanted = [row["pair_id"] for split in ("test", "validation") for row in meta if row.get("split") == split and "pair_id" in row]
-    if not wanted or not manifest.get("data_path"):
+    pair_ids = [row["pair_id"] for split in ("test", "validation") for row in meta if row.get("split") == split and "pair_id" in row]
+    if not pair_ids or not manifest.get("data_path"):
         return []
     try:
         data = load_preferences(manifest["data_path"])
@@ -56,7 +56,7 @@ def held_out_prompts(manifest: dict[str, Any], meta: list[dict[str, Any]], count
         print(f"Could not reload {manifest['data_path']} for prompts ({error}); using built-in prompts.")
         return []
     by_id = {triplet.pair_id: triplet for triplet in data.triplets}
-    found = [by_id[pair_id] for pair_id in wanted if pair_id in by_id]
+    found = [by_id[pair_id] for pair_id in pair_ids if pair_id in by_id]
     return [(triplet.prompt, triplet.prompt_messages) for triplet in found[:count]]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate the paper's Figure 1 and Tables 1, 2, 3 and 7 at one of three scales.
+"""Regenerate Figure 1 and Tables 1, 2, 3 and 7 of Feng & Pilanci (ICML 2026) at one of three scales.
 
     python scripts/reproduce.py {figure1,table1,table2,table3,table7} --scale {ci,small,paper}
 
@@ -235,6 +235,12 @@ def difference(ours: float | None, paper: float | None) -> float | None:
     return ours - paper
 
 
+def judge_label(scale: Scale) -> str:
+    if scale.judge.startswith("local:"):
+        return f"local pairwise judge on {next(iter(scale.models))} (eval_alpaca.py judge --judge local:MODEL)"
+    return scale.judge
+
+
 def scale_note(scale: Scale) -> str:
     models = ", ".join(scale.models)
     data = ", ".join(f"{label} = {Path(path).name}" for label, path in scale.datasets.items())
@@ -322,7 +328,7 @@ def table1(scale: Scale, work: Path, results: Path) -> None:
     reasons = sorted({r for r in table.get("lc_missing_reason", []) if r})
     notes = [
         scale_note(scale),
-        f"Judge: {scale.judge}. The paper's judge is AlpacaEval 2's GPT-4-turbo annotator; any other judge makes the numbers a different measurement.",
+        f"Judge: {judge_label(scale)}. The paper's judge is AlpacaEval 2's GPT-4-turbo annotator; any other judge makes the numbers a different measurement.",
         "Paper cells exist only for Mistral-7B, Dolphin-7B and Llama-3.1-8B on EduFeedback, IMDb and UltraFeedback; other rows show n/a there.",
     ]
     if scale.eval_instances:
@@ -369,7 +375,7 @@ def table2(scale: Scale, work: Path, results: Path, votes: str | None) -> None:
         count = standin_votes(work, votes_path)
         notes.append(
             f"STAND-IN, NOT HUMAN DATA: no human votes were given (VOTES=file.csv), so each of {count} questions got one vote "
-            f"for the method whose answer the local judge ({scale.judge}) preferred most over the reference answer."
+            f"for the method whose answer the local judge ({judge_label(scale)}) preferred most over the reference answer." 
         )
     results_rows = win_rates(read_votes(votes_path), list(METHODS))
     rows = []

@@ -204,7 +204,8 @@ def test_unpaired_shuffle_pairing_is_seeded():
     negatives = -np.arange(14, dtype=np.float32).reshape(7, 2)
     chosen, rejected = shuffle_pair_unpaired(positives, negatives, seed=0)
     again, again_rejected = shuffle_pair_unpaired(positives, negatives, seed=0)
-    assert chosen.shape == (5, 2) and rejected.shape == (5, 2)
+    assert chosen.shape == (5, 2)
+    assert rejected.shape == (5, 2)
     np.testing.assert_array_equal(chosen, again)
     np.testing.assert_array_equal(rejected, again_rejected)
     assert sorted(map(tuple, chosen)) == sorted(map(tuple, positives))
@@ -299,7 +300,8 @@ def test_cli_writes_head_and_metrics(tmp_path, capsys):
     assert saved["best_epoch"] == metrics["best_epoch"]
     assert len(saved["history"]["train"]["margin"]) == 41
     assert "test" in saved["summary"]
-    assert "train margin" in printed and "monotonically" in printed
+    assert "train margin" in printed
+    assert "monotonically" in printed
     assert saved["summary"]["train"]["margin"] > saved["summary"]["train_initial"]["margin"]
 
 
