@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "beta 1e-3, rho 1e-4, gamma_a 1, 6 ADMM and 32 PCG iterations)")
     solver.add_argument("--num_patterns", type=int, default=10,
                         help="P, sampled ReLU activation patterns; the head has 2P neurons")
-    solver.add_argument("--beta", type=float, default=1e-3,
-                        help="group-lasso strength on the neuron weights (> 0)")
-    solver.add_argument("--rho", type=float, default=0.1,
-                        help="ADMM penalty (> 0); release value 1e-4 converges slowly on standardized features")
+    solver.add_argument("--beta", type=float, default=1.0,
+                        help="group-lasso strength on the neuron weights (> 0); the release used 1e-3")
+    solver.add_argument("--rho", type=float, default=1.0,
+                        help="ADMM penalty (> 0); the release used 1e-4, which converges slowly on standardized features")
     solver.add_argument("--admm_iters", type=int, default=200,
                         help="ADMM iterations; the release ran 6, too few to reach a 1e-3 objective gap")
     solver.add_argument("--pcg_iters", type=int, default=32, help="PCG iteration cap per ADMM iteration")

@@ -1,27 +1,27 @@
 """Benchmark Stage 2: CRONOS against the AdamW learning-rate search on real SmolLM2-135M features.
 
-Two data sets from ../shared/data:
-  - HH-RLHF harmless test pairs: held-out accuracy is near chance with this
-    backbone, so the methods are compared by objective value and wall time, and
-    CRONOS's relative objective gap to a long float64 run is reported.
-  - AlpacaEval preference pairs: validation and test accuracy separate the methods.
+Run it on feature folders that extract.py wrote (mean pooling), for example the
+HH-RLHF harmless test pairs and the AlpacaEval preference pairs:
 
-Features are mean-pooled last-layer hidden states of prompt + response. They are
-written once under --cache_dir (outside the repository) in the Stage 1 feature
-folder format and reused on later runs.
+    python extract.py --model_path ~/.cache/coala-tests/SmolLM2-135M-Instruct \
+        --data_path ../shared/data/alpaca_eval/preference_pairs.jsonl.gz --pool mean \
+        --output_base /tmp/bench_features
+    python benchmarks/bench_cronos.py --features /tmp/bench_features/SmolLM2-135M-Instruct__preference_pairs__mean
 
-    python benchmarks/bench_cronos.py                  # features (cached) + benchmark
-    python benchmarks/bench_cronos.py --features_only  # only write the features
+For each folder it reports the relative objective gap of the default float32
+CRONOS run to a long float64 run of the same program, and the test accuracy of
+the iterate kept on validation. It reports the same figures and the wall time
+for the AdamW search (8 learning rates from 1e-6 to 10^-2.5, 3 seeds, 30
+epochs, batch 1024). Objectives of the two methods are compared as the non-convex
+objective ``1/2 ||f(X) - y||^2 + beta/2 (||theta1||^2 + ||theta2||^2)``.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,127 +29,118 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from coala.io import atomic_save_npy, atomic_write_json, atomic_write_text, setup_logging, sha256_file  # noqa: E402
+from coala.io import atomic_write_json, setup_logging  # noqa: E402
 
 logger = logging.getLogger("bench_cronos")
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-DATASETS = {
-    "preference_pairs": SHARED_DATA / "alpaca_eval" / "preference_pairs.jsonl.gz",
-    "harmless-base-test": SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz",
-}
-MODEL_DIR = Path.home() / ".cache" / "coala-tests" / "SmolLM2-135M-Instruct"
 
+def benchmark_folder(folder: Path, args: argparse.Namespace) -> dict:
+    """Run the float64 reference, the default CRONOS run and the AdamW search on one feature folder."""
+    import jax
+    import jax.numpy as jnp
 
-# ----------------------------------------------------------------------------------------------
-# Features: a direct transformers mean pool in the Stage 1 folder format
+    from coala import adamw_baseline, cronos, cvxnn
+    from coala.features import load_features
 
-
-def write_mean_pooled_features(
-    data_path: Path, output_dir: Path, max_pairs: int, max_length: int, batch_size: int, seed: int = 0
-) -> Path:
-    """Write mean-pooled SmolLM2 features of ``max_pairs`` pairs of ``data_path`` to ``output_dir``.
-
-    Texts are the chat-template prompt followed by the response, cut from the left
-    to ``max_length`` tokens so that the response end is kept. Splits are assigned
-    by ``coala.data.assign_split`` on the prompt (80/10/10).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from coala.data import assign_split, load_preferences
-
-    if (output_dir / "manifest.json").is_file():
-        logger.info("Reusing cached features in %s", output_dir)
-        return output_dir
-    data = load_preferences(str(data_path), max_pairs=None)
-    rng = np.random.default_rng(seed)
-    order = np.sort(rng.permutation(len(data.triplets))[:max_pairs])
-    triplets = [data.triplets[i] for i in order]
-
-    torch.set_num_threads(2)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).eval()
-
-    def encode(prompt: str, response: str) -> list[int]:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        if not isinstance(prompt_ids, list):
-            prompt_ids = prompt_ids["input_ids"]
-        ids = list(prompt_ids) + tokenizer(response, add_special_tokens=False).input_ids
-        return ids[-max_length:]
-
-    texts = [encode(t.prompt, t.chosen) for t in triplets] + [encode(t.prompt, t.rejected) for t in triplets]
-    features = np.zeros((len(texts), model.config.hidden_size), np.float32)
-    by_length = np.argsort([len(ids) for ids in texts])
-    start = time.perf_counter()
-    real_tokens = 0
-    with torch.no_grad():
-        for first in range(0, len(texts), batch_size):
-            rows = by_length[first : first + batch_size]
-            width = max(len(texts[i]) for i in rows)
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.bool)
-            for j, i in enumerate(rows):
-                ids[j, : len(texts[i])] = torch.tensor(texts[i])
-                mask[j, : len(texts[i])] = True
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            features[rows] = pooled.numpy()
-            real_tokens += int(mask.sum())
-            if (first // batch_size) % 20 == 0:
-                logger.info("%s: %d/%d texts, %.0fs", output_dir.name, first + len(rows), len(texts), time.perf_counter() - start)
-
-    n = len(triplets)
-    splits = [assign_split(t.prompt, seed) for t in triplets]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(output_dir / "chosen.npy", features[:n])
-    atomic_save_npy(output_dir / "rejected.npy", features[n:])
-    meta = "".join(
-        json.dumps({"pair_id": t.pair_id, "split": split, "chosen_tokens": len(texts[i]), "rejected_tokens": len(texts[n + i])}) + "\n"
-        for i, (t, split) in enumerate(zip(triplets, splits))
+    features = load_features(folder)
+    data = cvxnn.build_training_data(
+        features.chosen, features.rejected, features.chosen_split, features.rejected_split, features.paired
     )
-    atomic_write_text(output_dir / "meta.jsonl", meta)
-    manifest = {
-        "format_version": 1,
-        "model_name": MODEL_DIR.name,
-        "model_path": str(MODEL_DIR),
-        "gguf_file": None,
-        "hidden_size": int(model.config.hidden_size),
-        "pool": "mean",
-        "pool_span": "all",
-        "max_length": max_length,
-        "dtype": "float32",
-        "chat_template": True,
-        "data_path": str(data_path),
-        "data_sha256": sha256_file(data_path),
-        "split_seed": seed,
-        "paired": True,
-        "counts": {"pairs": n, **{name: splits.count(name) for name in ("train", "validation", "test")}},
-        "tokens": {"real": real_tokens},
-        "seconds": time.perf_counter() - start,
-        "writer": "benchmarks/bench_cronos.py direct mean pool",
+    splits = {name: cronos.EvalSplit(split.X, split.y, split.pairs) for name, split in data.splits.items()}
+    train = data.splits["train"]
+    D, _ = cvxnn.sample_patterns(train.X, args.num_patterns, seed=0)
+    settings = cronos.CronosSettings(beta=args.beta, rho=args.rho, admm_iters=args.admm_iters,
+                                     pcg_iters=32, pcg_tol=1e-5, nystrom_rank=20)
+
+    # Long float64 reference of the same program (no per-iteration accuracies).
+    with jax.enable_x64(True):
+        reference_settings = cronos.CronosSettings(beta=args.beta, rho=args.rho, admm_iters=args.reference_iters,
+                                                   pcg_iters=50, pcg_tol=1e-7, nystrom_rank=20)
+        problem64 = cronos.make_problem(train.X, train.y, D, dtype=jnp.float64)
+        reference = cronos.run_cronos(problem64, reference_settings, progress=False)
+    reference_objective = reference.history[-1]["objective"]
+
+    # The default float32 run, as cronos_trainer.py runs it.
+    problem = cronos.make_problem(train.X, train.y, D, dtype=jnp.float32)
+    result = cronos.run_cronos(problem, settings, splits["train"], splits.get("validation"), progress=False)
+    weights = cvxnn.recover_weights(result.v_kept)
+    test_scores = cvxnn.relu_network(data.splits["test"].X, weights.theta1, weights.theta2)
+    test_accuracy, test_pairwise = cronos.accuracies(test_scores, splits["test"])
+    gaps = [abs(record["objective"] - reference_objective) / reference_objective for record in result.history]
+    reaching = [record["iteration"] for record, gap in zip(result.history, gaps) if gap <= 1e-3]
+
+    # The non-convex objective of a network: squared loss + beta/2 (||theta1||^2 + ||theta2||^2), which
+    # equals the convex objective at a recovered feasible point.
+    def nonconvex_objective(theta1: np.ndarray, theta2: np.ndarray) -> float:
+        residual = cvxnn.relu_network(train.X, theta1, theta2) - train.y
+        return float(0.5 * residual @ residual + args.beta / 2 * (np.sum(theta1**2) + np.sum(theta2**2)))
+
+    adamw = adamw_baseline.adamw_search(
+        splits["train"], splits.get("validation"), splits.get("test"),
+        adamw_baseline.AdamWSettings(hidden=2 * args.num_patterns, weight_decay=args.adamw_weight_decay),
+    )
+    adamw_objectives = []
+    for run in adamw["runs"]:
+        params, _ = adamw_baseline.train_one_jit(
+            jnp.asarray(train.X, jnp.float32), jnp.asarray(train.y, jnp.float32), jax.random.PRNGKey(run["seed"]),
+            jnp.asarray(run["learning_rate"], jnp.float32), 2 * args.num_patterns, 30, 1024, args.adamw_weight_decay,
+        )
+        adamw_objectives.append(nonconvex_objective(np.asarray(params["theta1"]), np.asarray(params["theta2"])))
+    last = result.history[-1]
+    return {
+        "folder": str(folder),
+        "train_samples": int(len(train.y)),
+        "validation_samples": int(len(data.splits["validation"].y)),
+        "test_samples": int(len(data.splits["test"].y)),
+        "dim": int(train.X.shape[1]),
+        "reference_objective": reference_objective,
+        "reference_iters": args.reference_iters,
+        "reference_seconds": reference.seconds,
+        "reference_last_relative_change": abs(reference.history[-1]["objective"] - reference.history[-101]["objective"])
+        / reference_objective if len(reference.history) > 100 else None,
+        "cronos": {
+            "seconds": result.seconds,
+            "compile_seconds": result.compile_seconds,
+            "objective": last["objective"],
+            "relative_gap": gaps[-1],
+            "first_iteration_within_1e-3": reaching[0] if reaching else None,
+            "constraint_violation": last["constraint_violation"],
+            "pcg_iterations_mean": float(np.mean([record["pcg_iterations"] for record in result.history])),
+            "kept": result.kept,
+            "test_accuracy": test_accuracy,
+            "test_pairwise_accuracy": test_pairwise,
+            "nonconvex_objective": nonconvex_objective(weights.theta1, weights.theta2),
+        },
+        "adamw": {
+            "seconds": adamw["seconds"],
+            "selected": adamw["selected"],
+            "best_test_accuracy": adamw["best_test_accuracy"],
+            "best_nonconvex_objective": min(adamw_objectives),
+        },
     }
-    atomic_write_json(output_dir / "manifest.json", manifest)
-    logger.info("Wrote %s (%d pairs) in %.0fs", output_dir, n, manifest["seconds"])
-    return output_dir
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache_dir", type=Path, default=Path("/tmp/coala_bench_features"), help="feature cache folder")
-    parser.add_argument("--max_pairs", type=int, default=1200, help="pairs sampled per data set")
-    parser.add_argument("--max_length", type=int, default=128, help="tokens per text (prompt cut from the left)")
-    parser.add_argument("--batch_size", type=int, default=16, help="texts per forward pass")
-    parser.add_argument("--features_only", action="store_true", help="write the features and stop")
+    parser.add_argument("--features", type=Path, nargs="+", required=True,
+                        help="Stage 1 feature folders written by extract.py (pool mean) to benchmark")
+    parser.add_argument("--num_patterns", type=int, default=10, help="P")
+    parser.add_argument("--beta", type=float, default=1.0, help="group-lasso strength")
+    parser.add_argument("--rho", type=float, default=1.0, help="ADMM penalty")
+    parser.add_argument("--admm_iters", type=int, default=200, help="ADMM iterations of the float32 run")
+    parser.add_argument("--reference_iters", type=int, default=600, help="ADMM iterations of the float64 reference")
+    parser.add_argument("--adamw_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--output", type=Path, default=Path("/tmp/coala_bench_cronos.json"), help="results JSON")
     args = parser.parse_args()
     setup_logging()
 
-    folders = {}
-    for name, path in DATASETS.items():
-        folder = args.cache_dir / f"{MODEL_DIR.name}__{name}__mean"
-        folders[name] = write_mean_pooled_features(path, folder, args.max_pairs, args.max_length, args.batch_size)
-    if args.features_only:
-        return
+    results = {}
+    for folder in args.features:
+        logger.info("Benchmarking %s", folder)
+        results[folder.name] = benchmark_folder(folder, args)
+        atomic_write_json(args.output, results)
+        print(json.dumps(results[folder.name], indent=2))
+    print(f"Results written to {args.output}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,10 @@
     python benchmarks/bench_methods.py [--pairs 256] [--steps 2] [--work_dir /tmp/coala-bench-methods]
 
 Each method runs in its own process under /usr/bin/time -v, which reports its
-wall time and peak resident memory. A baseline epoch over the train split at
-batch 16 (micro-batch 2 x accumulation 8) takes minutes per step on a shared
-2-core CPU, so the baselines run ``--steps`` optimizer steps and the epoch's
-wall time is extrapolated linearly from the time per step (the start-up time
-is counted once). COALA (Stage 1 extraction, CRONOS, Stage 3 fine-tuning)
+wall time and peak resident memory. A baseline epoch over the train split takes
+minutes per optimizer step on a shared 2-core CPU. So the baselines run only
+``--steps`` optimizer steps, and the epoch's wall time is extrapolated
+linearly from the time per step (the start-up time is counted once). COALA (Stage 1 extraction, CRONOS, Stage 3 fine-tuning)
 runs in full. FLOPs are analytic (coala.flops) from the measured token counts.
 Results go to WORK_DIR/bench_methods.json and are printed as a markdown table.
 """
@@ -50,26 +49,28 @@ def timed(command: list[str], log_path: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=256, help="HH-RLHF pairs (first N of the harmless test file).")
-    parser.add_argument("--steps", type=int, default=1, help="Optimizer steps measured per baseline (batch 16 each).")
-    parser.add_argument("--max_length", type=int, default=256, help="Tokens per prompt + response for every method.")
+    parser.add_argument("--steps", type=int, default=1, help="Optimizer steps measured per baseline.")
+    parser.add_argument("--grad_accum", type=int, default=8, help="Micro-batches of 2 pairs per optimizer step (8 gives the paper's batch 16).")
+    parser.add_argument("--max_length", type=int, default=128, help="Tokens per prompt + response for every method (the authors' release uses 128).")
     parser.add_argument("--work_dir", default="/tmp/coala-bench-methods", help="Folder for runs and results.")
     args = parser.parse_args()
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = ensure_converted_smollm2(Path(os.environ.get("COALA_TEST_CACHE", Path.home() / ".cache" / "coala-tests")))
-    results: dict = {"pairs": args.pairs, "max_length": args.max_length, "model": str(model_dir), "cpu_count": os.cpu_count()}
+    results: dict = {"pairs": args.pairs, "max_length": args.max_length, "batch": 2 * args.grad_accum, "model": str(model_dir), "cpu_count": os.cpu_count()}
 
     # Baselines: a fixed number of steps each, extrapolated to one epoch
     for method in ("sft", "dpo", "orpo"):
         out = work / method
         command = [sys.executable, f"baselines/train_{method}.py", "--model_path", str(model_dir), "--data_path", str(HH_RLHF),
                    "--output_dir", str(out), "--max_pairs", str(args.pairs), "--max_length", str(args.max_length),
-                   "--max_steps", str(args.steps), "--device", "cpu", "--warmup_steps", "0", "--max_eval_pairs", "2"]
+                   "--max_steps", str(args.steps), "--device", "cpu", "--warmup_steps", "0", "--max_eval_pairs", "2",
+                   "--gradient_accumulation_steps", str(args.grad_accum)]
         measured = timed(command, work / f"{method}.log")
         metrics = json.loads((out / "metrics.json").read_text())
         train_pairs = metrics["data"]["counts"]["train"]
-        steps_per_epoch = math.ceil(train_pairs / 16)
+        steps_per_epoch = math.ceil(train_pairs / (2 * args.grad_accum))
         train_seconds = metrics["train_seconds"]
         startup = measured["wall_seconds"] - train_seconds
         shape = flops.ModelShape.from_mapping(metrics["model_shape"])
@@ -120,7 +121,7 @@ def main() -> int:
     (work / "bench_methods.json").write_text(json.dumps(results, indent=2) + "\n")
 
     # Summary
-    print(f"SmolLM2-135M-Instruct, {args.pairs} HH-RLHF pairs, max_length {args.max_length}, {os.cpu_count()} CPU cores")
+    print(f"SmolLM2-135M-Instruct, {args.pairs} HH-RLHF pairs, max_length {args.max_length}, batch {2 * args.grad_accum}, {os.cpu_count()} CPU cores")
     print("| method | wall time, one epoch (s) | peak RSS (MiB) | analytic TFLOPs, one epoch |")
     print("|---|---|---|---|")
     for method in ("SFT", "DPO", "ORPO"):

@@ -90,10 +90,10 @@ def _weighted_loss(params: dict[str, Array], X: Array, y: Array, weights: Array)
 def train_one(
     X: Array, y: Array, key: Array, learning_rate: Array, hidden: int, epochs: int, batch_size: int, weight_decay: float
 ) -> tuple[dict[str, Array], Array]:
-    """Train one network with AdamW; return its parameters and the final full-batch training loss.
+    """Train one network with AdamW and return its parameters and final full-batch training loss.
 
     Every epoch visits a fresh permutation of the n rows in ``ceil(n / batch_size)``
-    steps; the last batch is padded with zero-weight rows, so every row counts once.
+    steps. The last batch is padded with zero-weight rows, so every row counts once.
     """
     n, d = X.shape
     steps = -(-n // batch_size)
@@ -130,11 +130,10 @@ def adamw_search(
 ) -> dict[str, Any]:
     """Run the AdamW grid search; return every run, the chosen learning rate and the wall time.
 
-    The returned ``selected`` block holds the mean validation and test accuracies
-    over seeds at the learning rate with the best mean validation text accuracy
-    (training accuracy when there is no validation split); ``best_test_accuracy``
-    is the best single run's test accuracy over the whole grid, an upper bound
-    that no validation-based choice can beat.
+    The returned ``selected`` block holds the accuracies, averaged over seeds, at the
+    learning rate with the best mean validation text accuracy. Without a validation
+    split the training accuracy decides. ``best_test_accuracy`` is the best single
+    run's test accuracy over the whole grid, an upper bound for any validation-based choice.
     """
     settings.validate()
     X = jnp.asarray(train.X, jnp.float32)

@@ -136,8 +136,8 @@ def recover_weights(u: np.ndarray | Array) -> ReluWeights:
     """Recover the ReLU network from a convex solution u (2, d, P).
 
     A nonzero block ``w`` becomes a neuron with input weight ``w / sqrt(||w||)`` and
-    output weight ``+-sqrt(||w||)`` (``+`` for ``u_i``, ``-`` for ``z_i``); a zero block
-    becomes a neuron with zero weights.
+    output weight ``+sqrt(||w||)`` for ``u_i`` or ``-sqrt(||w||)`` for ``z_i``. A zero
+    block becomes a neuron with zero weights.
     """
     u = np.asarray(u, dtype=np.float64)
     if u.ndim != 3 or u.shape[0] != 2:

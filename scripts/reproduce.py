@@ -271,7 +271,7 @@ def figure1(scale: Scale, work: Path, results: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(range(1, len(coala_train) + 1), coala_train, label="train")
     left.plot(range(1, len(coala_val) + 1), coala_val, label="validation")
-    left.set(title=f"COALA (Stage 3) on {dataset}", xlabel="epoch (one step of theta2 per batch)", ylabel="mean reward margin r_w - r_l")
+    left.set(title=f"COALA (Stage 3) on {dataset}", xlabel="epoch", ylabel="mean reward margin r_w - r_l")
     right.plot([s for s, _ in dpo_train], [m for _, m in dpo_train], label="train")
     right.plot([s for s, _ in dpo_val], [m for _, m in dpo_val], "o-", label="validation")
     right.set(title=f"DPO (LoRA) on {dataset}", xlabel="optimizer step", ylabel="TRL rewards/margins")
