@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="datasets/edu_sample/", help="preference data: folder, JSON/JSONL(.gz) file or Hugging Face dataset id")
     parser.add_argument("--hf_split", default="train", help="split of a Hugging Face dataset id (ignored for local data)")
     parser.add_argument("--max_pairs", type=int, default=None, help="keep only the first N pairs (or texts); default all")
+    parser.add_argument("--drop_empty", action="store_true", help="drop triplets with an empty prompt, chosen or rejected text (counted) instead of stopping with an error")
     parser.add_argument("--pool", default="attn", choices=["attn", "mean", "last", "none"], help="pooling of the last-layer hidden states; none keeps every token")
     parser.add_argument("--pool_span", default="all", choices=["all", "response"], help="tokens pooled: the whole sequence, or only the response")
     parser.add_argument("--attn_seed", type=int, default=0, help="seed of the attn pooling scorer vector")
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     # Data: loading validates every record, so bad data stops the run before the model loads
-    data = load_preferences(args.data_path, max_pairs=args.max_pairs, hf_split=args.hf_split)
+    data = load_preferences(args.data_path, max_pairs=args.max_pairs, hf_split=args.hf_split, drop_empty=args.drop_empty)
     dropped_identical_source = sum(count for reason, count in data.dropped.items() if "identical" in reason)
 
     # Output folder and the settings fingerprint that a resumed run must match
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "model_fingerprint": backbone.model_fingerprint(args.model_path, args.gguf_file),
         "data_sha256": data.content_hash,
         "max_pairs": args.max_pairs,
+        "drop_empty": args.drop_empty,
         "pool": args.pool,
         "pool_span": args.pool_span,
         "attn_seed": args.attn_seed if args.pool == "attn" else None,

@@ -75,6 +75,10 @@ class DataError(ValueError):
     """Invalid preference data. The message names the file, the record number and the field."""
 
 
+class EmptyTextError(DataError):
+    """A text field that is present but empty or whitespace only."""
+
+
 @dataclass(frozen=True)
 class Triplet:
     """One preference pair.
@@ -399,7 +403,7 @@ def _get_text(record: dict[str, Any], name: str, where: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}, field '{name}': expected a string, got {_describe(value)}.")
     if not value.strip():
-        raise DataError(f"{where}, field '{name}': empty text. Fill it in or remove the record.")
+        raise EmptyTextError(f"{where}, field '{name}': empty text. Fill it in or remove the record.")
     return value
 
 
@@ -468,9 +472,15 @@ def split_hh_transcripts(chosen: str, rejected: str, where: str) -> tuple[str, s
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _parse_triplets(records: Iterable[Record], dropped: Counter) -> Iterator[Triplet]:
+def _parse_triplets(records: Iterable[Record], dropped: Counter, drop_empty: bool = False) -> Iterator[Triplet]:
     for where, default_id, record in records:
-        yield parse_triplet_record(record, where, _record_id(record, default_id))
+        try:
+            yield parse_triplet_record(record, where, _record_id(record, default_id))
+        except EmptyTextError as error:
+            if not drop_empty:
+                raise EmptyTextError(f"{error} To drop such records and count them instead, "
+                                     "pass drop_empty=True (extract.py: --drop_empty).") from error
+            dropped["empty_text"] += 1
 
 
 def _parse_hh(records: Iterable[Record], dropped: Counter) -> Iterator[Triplet]:
@@ -591,12 +601,14 @@ def preferences_from_records(
     max_pairs: int | None = None,
     content_hash: str = "",
     label_map: dict[Any, int] | None = None,
+    drop_empty: bool = False,
 ) -> PreferenceData:
     """Parse records (plain dicts, or ``(location, default_id, record)`` tuples) into ``PreferenceData``.
 
     This is the code path files and hub adapters share. ``schema`` (see ``detect_schema``)
     is detected from the first record when not given; ``label_map`` overrides the label
-    mapping of "labeled" records.
+    mapping of "labeled" records. ``drop_empty`` drops triplets with an empty prompt,
+    chosen or rejected text (counted as ``empty_text``) instead of raising.
     """
     _check_max_pairs(max_pairs)
     stream = iter(_as_records(records, source))
@@ -614,6 +626,8 @@ def preferences_from_records(
     dropped: Counter = Counter()
     if schema == "labeled":
         items = _parse_labeled(chained(), dropped, label_map)
+    elif schema == "triplets":
+        items = _parse_triplets(chained(), dropped, drop_empty)
     else:
         items = PARSERS[schema](chained(), dropped)
     kept = _collect(items, max_pairs, dropped, source)
@@ -834,6 +848,7 @@ def load_preferences(
     pair_pos_neg: bool | None = None,
     max_pairs: int | None = None,
     hf_split: str = "train",
+    drop_empty: bool = False,
 ) -> PreferenceData:
     """Load preference data from a folder, a JSON/JSONL file (``.gz`` allowed) or a hub id.
 
@@ -844,6 +859,8 @@ def load_preferences(
         only when the names match one to one.
       max_pairs: keep the first N pairs (or texts) after dropping; ``None`` keeps all.
       hf_split: the split of a hub data set ("train", "test", ...; mapped per adapter).
+      drop_empty: drop prompt/chosen/rejected records with an empty text and count them
+        as ``empty_text`` instead of raising ``DataError``.
 
     Raises:
       DataError: naming the file, record and field of the first bad record.
@@ -867,6 +884,7 @@ def load_preferences(
         source=str(source),
         max_pairs=max_pairs,
         content_hash=sha256_path(path),
+        drop_empty=drop_empty,
     )
 
 

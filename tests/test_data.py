@@ -623,3 +623,21 @@ def test_cli_writes_triplets(tmp_path, capsys):
     main([str(EDU_SAMPLE / "conversations.jsonl"), "--write_triplets", str(out)])
     assert out.read_text(encoding="utf-8") == (EDU_SAMPLE / "triplets.jsonl").read_text(encoding="utf-8")
     assert "Wrote" in capsys.readouterr().out
+
+
+def test_empty_text_error_or_drop(tmp_path):
+    import json
+
+    from coala.data import DataError, load_preferences
+
+    path = tmp_path / "pairs.jsonl"
+    records = [
+        {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"},
+        {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "   "},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with pytest.raises(DataError, match="line 2, field 'rejected': empty text"):
+        load_preferences(str(path))
+    data = load_preferences(str(path), drop_empty=True)
+    assert len(data) == 1
+    assert data.dropped == {"empty_text": 1}
