@@ -283,6 +283,26 @@ def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) ->
 build_preconditioner_jit = jax.jit(build_preconditioner, static_argnames=("rank",))
 
 
+def _residual_balance(
+    primal: Array, dual: Array, primal_scale: Array, dual_scale: Array, mu: Array, tau: Array
+) -> Array:
+    """Return the factor (tau, 1 or 1/tau) by which residual balancing multiplies rho.
+
+    Boyd et al. (2011, section 3.4.1): raise rho when the primal residual exceeds
+    ``mu`` times the dual residual, lower it in the opposite case. Both residuals
+    are first divided by their scales (the norms in the stopping rule), so the
+    rule does not depend on the units of u and s. ``tau <= 1`` turns balancing off.
+    """
+    tiny = jnp.finfo(primal.dtype).tiny
+    primal_relative = primal / jnp.maximum(primal_scale, tiny)
+    dual_relative = dual / jnp.maximum(dual_scale, tiny)
+    active = (tau > 1) & (dual_scale > 0) & (primal_scale > 0)
+    up = active & (primal_relative > mu * dual_relative)
+    down = active & (dual_relative > mu * primal_relative)
+    one = jnp.ones_like(tau)
+    return jnp.where(up, tau, jnp.where(down, one / jnp.maximum(tau, one), one))
+
+
 def admm_step(
     problem: Problem,
     pre: NystromPreconditioner | None,
@@ -292,15 +312,32 @@ def admm_step(
     gamma: Array,
     pcg_tol: Array,
     pcg_iters: Array,
-) -> tuple[ADMMState, dict[str, Array]]:
-    """Run one ADMM iteration; return the new state and its diagnostics.
+    abs_tol: Array | float = 0.0,
+    rel_tol: Array | float = 0.0,
+    balance_mu: Array | float = 10.0,
+    balance_tau: Array | float = 1.0,
+    key: Array | None = None,
+) -> tuple[ADMMState, NystromPreconditioner | None, Array, dict[str, Array]]:
+    """Run one ADMM iteration; return the new state, the preconditioner and rho for the next one, and diagnostics.
+
+    The stopping rule of Boyd et al. (2011, section 3.3.1) with ``A = [I; G]`` and
+    ``B = -I`` is evaluated here: the iterate has converged when
+    ``||r|| <= sqrt(N_r) abs_tol + rel_tol max(||(u, G u)||, ||(v, s)||)`` and
+    ``||d|| <= sqrt(N_u) abs_tol + rel_tol rho ||lam + G^T nu||``. With
+    ``balance_tau > 1`` rho is then rebalanced (``_residual_balance``); when it
+    changes, the scaled duals are divided by the same factor and the Nystrom
+    preconditioner, which depends on rho, is rebuilt from ``key`` inside a
+    ``lax.cond`` (so the step stays one compiled program).
 
     Diagnostics: ``pcg_iterations``, ``pcg_residual`` (relative), ``pcg_status``,
     ``primal_residual_uv`` = ||u - v||, ``primal_residual_gs`` = ||G u - s||,
-    ``dual_residual`` = rho ||(v - v_old) + G^T (s - s_old)||.
+    ``primal_residual`` = ||(u - v, G u - s)||, ``dual_residual`` =
+    rho ||(v - v_old) + G^T (s - s_old)||, ``primal_tolerance``, ``dual_tolerance``,
+    ``converged`` (both residuals within tolerance) and ``rho`` (the value used).
     """
     shape = state.u.shape
     X, D = problem.X, problem.D
+    dtype = X.dtype
 
     def flat_system(x: Array) -> Array:
         u = x.reshape(shape)
@@ -323,16 +360,53 @@ def admm_step(
     lam = state.lam + gamma * (u - v)
     nu = state.nu + gamma * (Gu - s)
 
+    # Residuals and the stopping rule.
+    residual_uv = jnp.linalg.norm(u - v)
+    residual_gs = jnp.linalg.norm(Gu - s)
+    primal = jnp.sqrt(residual_uv**2 + residual_gs**2)
+    dual = rho * jnp.linalg.norm((v - state.v) + cvxnn.G_transpose_apply(X, D, s - state.s))
+    primal_scale = jnp.maximum(jnp.sqrt(jnp.sum(u * u) + jnp.sum(Gu * Gu)), jnp.sqrt(jnp.sum(v * v) + jnp.sum(s * s)))
+    dual_scale = rho * jnp.linalg.norm(lam + cvxnn.G_transpose_apply(X, D, nu))
+    abs_tol = jnp.asarray(abs_tol, dtype)
+    rel_tol = jnp.asarray(rel_tol, dtype)
+    primal_tolerance = math.sqrt(u.size + s.size) * abs_tol + rel_tol * primal_scale
+    dual_tolerance = math.sqrt(u.size) * abs_tol + rel_tol * dual_scale
+    converged = (primal <= primal_tolerance) & (dual <= dual_tolerance) & ((abs_tol > 0) | (rel_tol > 0))
+
+    # Residual balancing of rho, with the scaled duals and the preconditioner updated to match.
+    factor = _residual_balance(primal, dual, primal_scale, dual_scale, jnp.asarray(balance_mu, dtype),
+                               jnp.asarray(balance_tau, dtype))
+    factor = jnp.where(converged, 1.0, factor).astype(dtype)
+    rho_next = rho * factor
+    lam = lam / factor
+    nu = nu / factor
+    if pre is not None:
+        rank = pre.U.shape[1]
+        sketch_key = jax.random.PRNGKey(0) if key is None else key
+
+        def rebuild() -> NystromPreconditioner:
+            return build_preconditioner(problem, rho_next, rank, sketch_key)
+
+        def keep() -> NystromPreconditioner:
+            return pre
+
+        pre = jax.lax.cond(factor != 1, rebuild, keep)
+
     rhs_norm = jnp.linalg.norm(rhs)
     info = {
         "pcg_iterations": solve.iterations,
         "pcg_residual": solve.residual_norm / jnp.where(rhs_norm > 0, rhs_norm, 1.0),
         "pcg_status": solve.status,
-        "primal_residual_uv": jnp.linalg.norm(u - v),
-        "primal_residual_gs": jnp.linalg.norm(Gu - s),
-        "dual_residual": rho * jnp.linalg.norm((v - state.v) + cvxnn.G_transpose_apply(X, D, s - state.s)),
+        "primal_residual_uv": residual_uv,
+        "primal_residual_gs": residual_gs,
+        "primal_residual": primal,
+        "dual_residual": dual,
+        "primal_tolerance": primal_tolerance,
+        "dual_tolerance": dual_tolerance,
+        "converged": converged,
+        "rho": rho,
     }
-    return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), info
+    return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), pre, rho_next, info
 
 
 admm_step_jit = jax.jit(admm_step)
