@@ -429,6 +429,13 @@ class CronosSettings:
       pcg_tol: PCG relative residual tolerance (> 0).
       nystrom_rank: rank of the Nystrom preconditioner; 0 runs plain CG.
       seed: seed of the Nystrom test matrix.
+      abs_tol, rel_tol: stopping rule on the primal and dual residuals (``admm_step``);
+        both 0 runs all ``admm_iters`` iterations.
+      patience: stop once the validation accuracy (text, then pairwise) has not
+        improved for this many iterations; 0 turns it off. Needs a validation split.
+      balance_tau: residual balancing multiplies or divides rho by this factor (> 1)
+        when one residual exceeds ``balance_mu`` times the other; 1 keeps rho fixed.
+      balance_mu: the imbalance (> 1) that triggers a change of rho.
     """
 
     beta: float = 1e-3
@@ -439,6 +446,11 @@ class CronosSettings:
     pcg_tol: float = 1e-6
     nystrom_rank: int = 20
     seed: int = 0
+    abs_tol: float = 0.0
+    rel_tol: float = 0.0
+    patience: int = 0
+    balance_tau: float = 1.0
+    balance_mu: float = 10.0
 
     def validate(self, system_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the first invalid setting and its valid range."""
@@ -450,6 +462,11 @@ class CronosSettings:
             ("pcg_iters", int(self.pcg_iters) == self.pcg_iters and self.pcg_iters >= 1, "an integer >= 1"),
             ("pcg_tol", 0 < self.pcg_tol < 1, "in (0, 1)"),
             ("nystrom_rank", int(self.nystrom_rank) == self.nystrom_rank and self.nystrom_rank >= 0, "an integer >= 0"),
+            ("abs_tol", 0 <= self.abs_tol < 1, "in [0, 1)"),
+            ("rel_tol", 0 <= self.rel_tol < 1, "in [0, 1)"),
+            ("patience", int(self.patience) == self.patience and self.patience >= 0, "an integer >= 0 (0 = off)"),
+            ("balance_tau", 1 <= self.balance_tau < math.inf, "a finite number >= 1 (1 = fixed rho)"),
+            ("balance_mu", 1 < self.balance_mu < math.inf, "a finite number > 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -487,6 +504,9 @@ class CronosResult:
       history: one dict of diagnostics per iteration.
       seconds: wall time of the whole run, including compilation.
       compile_seconds: wall time of the first ADMM step (compilation included).
+      status: why the run stopped: ``"converged"`` (residual stopping rule),
+        ``"validation_patience"`` or ``"max_iterations"``.
+      iterations: ADMM iterations run.
     """
 
     v_last: np.ndarray
@@ -497,6 +517,8 @@ class CronosResult:
     seconds: float
     compile_seconds: float
     settings: CronosSettings = field(default_factory=CronosSettings)
+    status: str = "max_iterations"
+    iterations: int = 0
 
 
 def accuracies(scores: np.ndarray, split: EvalSplit) -> tuple[float, float | None]:
@@ -528,6 +550,12 @@ def _track(problem: Problem, v_sum: Array, v: Array, k: Array, beta: Array) -> t
     return v_sum, v_average, objectives, violations
 
 
+def _validation_score(record: dict[str, Any], suffix: str) -> tuple[float, float]:
+    """Validation text accuracy, then pairwise accuracy, of one iterate (what patience watches)."""
+    pairwise = record[f"validation_pairwise_accuracy{suffix}"]
+    return (record[f"validation_accuracy{suffix}"], -1.0 if pairwise is None else pairwise)
+
+
 def _selection_key(record: dict[str, Any], suffix: str) -> tuple[float, float, float]:
     """Rank an iterate: validation text accuracy, then validation pairwise accuracy, then lower objective."""
     pairwise = record[f"validation_pairwise_accuracy{suffix}"]
@@ -544,10 +572,15 @@ def run_cronos(
     """Run CRONOS on ``problem``, recording diagnostics per iteration and keeping the best iterate.
 
     Every iteration records the objective and constraint violation of the last v
-    and of the ergodic average, the residuals, the PCG iteration count, and the
-    accuracies of both iterates on ``train`` and ``validation``. The kept iterate
-    maximizes validation text accuracy, then validation pairwise accuracy, then
-    lower objective; without a validation split the last iterate is kept.
+    and of the ergodic average, the residuals and their tolerances, rho, the PCG
+    iteration count, and the accuracies of both iterates on ``train`` and
+    ``validation``. The kept iterate maximizes validation text accuracy, then
+    validation pairwise accuracy, then lower objective; without a validation split
+    the last iterate is kept.
+
+    The run stops after ``admm_iters`` iterations, when the residual stopping rule
+    holds (``abs_tol``/``rel_tol``), or when validation accuracy has not improved for
+    ``patience`` iterations; ``CronosResult.status`` says which.
 
     NOTE: The O(1/K) rate of ADMM holds for the ergodic average; the last iterate
     usually converges faster in practice, so both are scored.
@@ -560,16 +593,24 @@ def run_cronos(
     gamma = jnp.asarray(settings.step_ratio, dtype)
     pcg_tol = jnp.asarray(settings.pcg_tol, dtype)
     pcg_iters = jnp.asarray(settings.pcg_iters, jnp.int32)
+    abs_tol = jnp.asarray(settings.abs_tol, dtype)
+    rel_tol = jnp.asarray(settings.rel_tol, dtype)
+    balance_mu = jnp.asarray(settings.balance_mu, dtype)
+    balance_tau = jnp.asarray(settings.balance_tau, dtype)
+    key = jax.random.PRNGKey(settings.seed)
 
     start = time.perf_counter()
     pre = None
     if settings.nystrom_rank > 0:
-        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, jax.random.PRNGKey(settings.seed))
+        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, key)
         pre = jax.block_until_ready(pre)
     state = initial_state(problem)
     v_sum = jnp.zeros(shape, dtype)
     history: list[dict[str, Any]] = []
     best_key: tuple | None = None
+    best_score: tuple | None = None
+    since_improvement = 0
+    status = "max_iterations"
     kept: dict[str, Any] = {"iterate": "last", "iteration": 0}
     v_kept = np.zeros(shape)
     compile_seconds = 0.0
@@ -582,11 +623,13 @@ def run_cronos(
     iterations = tqdm(range(1, settings.admm_iters + 1), desc="CRONOS ADMM", disable=not progress, leave=False)
     for k in iterations:
         step_start = time.perf_counter()
-        state, info = admm_step_jit(problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters)
+        state, pre, rho, info = admm_step_jit(
+            problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau, key
+        )
         v_sum, v_average, objectives, violations = _track(problem, v_sum, state.v, jnp.asarray(k, dtype), beta)
         objective_last, objective_average = np.asarray(objectives).tolist()
         violation_last, violation_average = np.asarray(violations).tolist()
-        record = {key: value.item() for key, value in jax.device_get(info).items()}
+        record = {key_: value.item() for key_, value in jax.device_get(info).items()}
         if k == 1:
             compile_seconds = time.perf_counter() - step_start
         record.update(
@@ -597,6 +640,7 @@ def run_cronos(
             constraint_violation_average=float(violation_average),
             pcg_status=PCG_STATUS_NAMES[int(record["pcg_status"])],
             pcg_iterations=int(record["pcg_iterations"]),
+            converged=bool(record["converged"]),
         )
         if not all(math.isfinite(record[name]) for name in ("objective", "primal_residual_uv", "dual_residual")):
             raise FloatingPointError(
@@ -614,11 +658,16 @@ def run_cronos(
         history.append(record)
 
         if validation is not None:
+            improved = False
             for iterate_name, v in candidates.items():
                 suffix = "" if iterate_name == "last" else "_average"
-                key = _selection_key(record, suffix)
-                if best_key is None or key >= best_key:
-                    best_key = key
+                score = _validation_score(record, suffix)
+                if best_score is None or score > best_score:
+                    best_score = score
+                    improved = True
+                key_ = _selection_key(record, suffix)
+                if best_key is None or key_ >= best_key:
+                    best_key = key_
                     kept = {
                         "iterate": iterate_name,
                         "iteration": k,
@@ -627,23 +676,33 @@ def run_cronos(
                         "validation_pairwise_accuracy": record[f"validation_pairwise_accuracy{suffix}"],
                     }
                     v_kept = np.asarray(v)
+            since_improvement = 0 if improved else since_improvement + 1
         iterations.set_postfix(objective=f"{record['objective']:.4g}", pcg=record["pcg_iterations"])
+        if record["converged"]:
+            status = "converged"
+            break
+        if validation is not None and settings.patience > 0 and since_improvement >= settings.patience:
+            status = "validation_patience"
+            break
 
     seconds = time.perf_counter() - start
+    iterations_run = len(history)
     if validation is None:
-        kept = {"iterate": "last", "iteration": settings.admm_iters, "objective": history[-1]["objective"]}
+        kept = {"iterate": "last", "iteration": iterations_run, "objective": history[-1]["objective"]}
         v_kept = np.asarray(state.v)
     logger.info(
-        "CRONOS finished %d iterations in %.2fs (first step with compilation %.2fs); kept the %s iterate of iteration %d.",
-        settings.admm_iters, seconds, compile_seconds, kept["iterate"], kept["iteration"],
+        "CRONOS ran %d iterations (%s) in %.2fs (first step with compilation %.2fs); kept the %s iterate of iteration %d.",
+        iterations_run, status, seconds, compile_seconds, kept["iterate"], kept["iteration"],
     )
     return CronosResult(
         v_last=np.asarray(state.v),
-        v_average=np.asarray(v_sum / settings.admm_iters),
+        v_average=np.asarray(v_sum / iterations_run),
         v_kept=v_kept,
         kept=kept,
         history=history,
         seconds=seconds,
         compile_seconds=compile_seconds,
         settings=settings,
+        status=status,
+        iterations=iterations_run,
     )
