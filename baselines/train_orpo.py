@@ -19,8 +19,6 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coala import baselines  # noqa: E402
-from coala.config import parse_args_with_config  # noqa: E402
-from coala.io import setup_logging  # noqa: E402
 
 METHOD = "orpo"
 
@@ -30,18 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Settings: defaults < YAML section "orpo" < command line
-    args = parse_args_with_config(build_parser(), argv, section=METHOD)
-    setup_logging()
-
-    # Data, model, LoRA, training, outputs
-    metrics = baselines.run_baseline(METHOD, args)
-
-    # Summary
-    print(f"ORPO: {metrics['steps']} steps in {metrics['wall_seconds']:.1f} s; "
-          f"final train reward margin {baselines.final_margin(metrics):.4f}; "
-          f"analytic {metrics['analytic_flops'] / 1e12:.4f} TFLOPs; adapter and metrics in {args.output_dir}")
-    return 0
+    return baselines.main(METHOD, argv)
 
 
 if __name__ == "__main__":

@@ -491,3 +491,22 @@ def final_margin(metrics: dict[str, Any]) -> float:
         if "rewards/margins" in row:
             return float(row["rewards/margins"])
     return math.nan
+
+
+def main(method: str, argv: Sequence[str] | None = None) -> int:
+    """Run one baseline from the command line: parse flags over the YAML section ``method``, train, print a summary."""
+    from coala.config import parse_args_with_config
+    from coala.io import setup_logging
+
+    # Settings: defaults < YAML section named after the method < command line
+    args = parse_args_with_config(build_parser(method), argv, section=method)
+    setup_logging()
+
+    # Data, model, LoRA, training, outputs
+    metrics = run_baseline(method, args)
+
+    # Summary
+    print(f"{method.upper()}: {metrics['steps']} steps in {metrics['wall_seconds']:.1f} s; "
+          f"final train reward margin {final_margin(metrics):.4f}; "
+          f"analytic {metrics['analytic_flops'] / 1e12:.4f} TFLOPs; adapter and metrics in {args.output_dir}")
+    return 0
