@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     solver.add_argument("--nystrom_rank", type=int, default=20,
                         help="rank of the randomized Nystrom preconditioner; 0 runs plain CG")
     solver.add_argument("--step_ratio", type=float, default=1.0, help="dual step gamma_a, in (0, 2)")
+    solver.add_argument("--abs_tol", type=float, default=1e-5,
+                        help="absolute tolerance of the stopping rule on the primal and dual residuals "
+                             "(Boyd et al. 2011, 3.3.1); 0 with --rel_tol 0 runs all --admm_iters")
+    solver.add_argument("--rel_tol", type=float, default=1e-3,
+                        help="relative tolerance of the residual stopping rule, in [0, 1)")
+    solver.add_argument("--patience", type=int, default=0,
+                        help="stop once validation accuracy has not improved for this many ADMM iterations; 0 = off")
+    solver.add_argument("--balance_tau", type=float, default=1.0,
+                        help="residual balancing: multiply or divide rho by this factor (> 1) when one residual "
+                             "exceeds --balance_mu times the other; 1 keeps rho fixed")
+    solver.add_argument("--balance_mu", type=float, default=10.0, help="residual imbalance (> 1) that changes rho")
     solver.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True,
                         help="standardize features with the train mean and std (stored in the head)")
     solver.add_argument("--seed", type=int, default=0, help="seed of the patterns and the Nystrom sketch")
@@ -135,6 +146,8 @@ def solver_settings(args: argparse.Namespace) -> "CronosSettings":  # noqa: F821
     return CronosSettings(
         beta=args.beta, rho=args.rho, step_ratio=args.step_ratio, admm_iters=args.admm_iters,
         pcg_iters=args.pcg_iters, pcg_tol=args.pcg_tol, nystrom_rank=args.nystrom_rank, seed=args.seed,
+        abs_tol=args.abs_tol, rel_tol=args.rel_tol, patience=args.patience, balance_tau=args.balance_tau,
+        balance_mu=args.balance_mu,
     )
 
 
@@ -304,10 +317,13 @@ def train(args: argparse.Namespace) -> Path:
         "dtype": "float64" if args.x64 else "float32",
         "num_neurons": 2 * args.num_patterns,
         "kept_iterate": result.kept,
+        "solver_status": result.status,
     }
     metrics = {
         "final": final,
         "kept_iterate": result.kept,
+        "solver_status": result.status,
+        "admm_iterations_run": result.iterations,
         "recovery": gap,
         "active_neurons": weights.active,
         "seconds": result.seconds,
@@ -321,7 +337,8 @@ def train(args: argparse.Namespace) -> Path:
 
     # Summary.
     print(f"Head written to {output_dir} ({weights.active}/{2 * args.num_patterns} active neurons).")
-    print(f"Kept the {result.kept['iterate']} iterate of ADMM iteration {result.kept['iteration']}; "
+    print(f"ADMM stopped after {result.iterations} iterations ({result.status}). "
+          f"Kept the {result.kept['iterate']} iterate of ADMM iteration {result.kept['iteration']}; "
           f"final objective {result.history[-1]['objective']:.6g}; CRONOS time {result.seconds:.1f}s.")
     for name in data.splits:
         pairwise = final[f"{name}_pairwise_accuracy"]

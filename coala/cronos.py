@@ -283,22 +283,16 @@ def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) ->
 build_preconditioner_jit = jax.jit(build_preconditioner, static_argnames=("rank",))
 
 
-def _residual_balance(
-    primal: Array, dual: Array, primal_scale: Array, dual_scale: Array, mu: Array, tau: Array
-) -> Array:
+def _residual_balance(primal: Array, dual: Array, mu: Array, tau: Array) -> Array:
     """Return the factor (tau, 1 or 1/tau) by which residual balancing multiplies rho.
 
     Boyd et al. (2011, section 3.4.1): raise rho when the primal residual exceeds
-    ``mu`` times the dual residual, lower it in the opposite case. Both residuals
-    are first divided by their scales (the norms in the stopping rule), so the
-    rule does not depend on the units of u and s. ``tau <= 1`` turns balancing off.
+    ``mu`` times the dual residual, lower it in the opposite case. ``tau <= 1``
+    turns balancing off.
     """
-    tiny = jnp.finfo(primal.dtype).tiny
-    primal_relative = primal / jnp.maximum(primal_scale, tiny)
-    dual_relative = dual / jnp.maximum(dual_scale, tiny)
-    active = (tau > 1) & (dual_scale > 0) & (primal_scale > 0)
-    up = active & (primal_relative > mu * dual_relative)
-    down = active & (dual_relative > mu * primal_relative)
+    active = tau > 1
+    up = active & (primal > mu * dual)
+    down = active & (dual > mu * primal)
     one = jnp.ones_like(tau)
     return jnp.where(up, tau, jnp.where(down, one / jnp.maximum(tau, one), one))
 
@@ -317,6 +311,7 @@ def admm_step(
     balance_mu: Array | float = 10.0,
     balance_tau: Array | float = 1.0,
     key: Array | None = None,
+    balance: bool = False,
 ) -> tuple[ADMMState, NystromPreconditioner | None, Array, dict[str, Array]]:
     """Run one ADMM iteration; return the new state, the preconditioner and rho for the next one, and diagnostics.
 
@@ -324,10 +319,11 @@ def admm_step(
     ``B = -I`` is evaluated here: the iterate has converged when
     ``||r|| <= sqrt(N_r) abs_tol + rel_tol max(||(u, G u)||, ||(v, s)||)`` and
     ``||d|| <= sqrt(N_u) abs_tol + rel_tol rho ||lam + G^T nu||``. With
-    ``balance_tau > 1`` rho is then rebalanced (``_residual_balance``); when it
+    ``balance`` (static) and ``balance_tau > 1`` rho is then rebalanced (``_residual_balance``); when it
     changes, the scaled duals are divided by the same factor and the Nystrom
     preconditioner, which depends on rho, is rebuilt from ``key`` inside a
-    ``lax.cond`` (so the step stays one compiled program).
+    ``lax.cond`` (so the step stays one compiled program). Without ``balance`` that
+    branch is not compiled at all, which keeps the first call cheaper.
 
     Diagnostics: ``pcg_iterations``, ``pcg_residual`` (relative), ``pcg_status``,
     ``primal_residual_uv`` = ||u - v||, ``primal_residual_gs`` = ||G u - s||,
@@ -374,8 +370,11 @@ def admm_step(
     converged = (primal <= primal_tolerance) & (dual <= dual_tolerance) & ((abs_tol > 0) | (rel_tol > 0))
 
     # Residual balancing of rho, with the scaled duals and the preconditioner updated to match.
-    factor = _residual_balance(primal, dual, primal_scale, dual_scale, jnp.asarray(balance_mu, dtype),
-                               jnp.asarray(balance_tau, dtype))
+    if not balance:
+        info = _step_info(solve, rhs, residual_uv, residual_gs, primal, dual, primal_tolerance, dual_tolerance,
+                          converged, rho)
+        return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), pre, rho, info
+    factor = _residual_balance(primal, dual, jnp.asarray(balance_mu, dtype), jnp.asarray(balance_tau, dtype))
     factor = jnp.where(converged, 1.0, factor).astype(dtype)
     rho_next = rho * factor
     lam = lam / factor
@@ -392,8 +391,18 @@ def admm_step(
 
         pre = jax.lax.cond(factor != 1, rebuild, keep)
 
+    info = _step_info(solve, rhs, residual_uv, residual_gs, primal, dual, primal_tolerance, dual_tolerance,
+                      converged, rho)
+    return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), pre, rho_next, info
+
+
+def _step_info(
+    solve: PCGResult, rhs: Array, residual_uv: Array, residual_gs: Array, primal: Array, dual: Array,
+    primal_tolerance: Array, dual_tolerance: Array, converged: Array, rho: Array,
+) -> dict[str, Array]:
+    """Collect the diagnostics of one ADMM iteration (see ``admm_step``)."""
     rhs_norm = jnp.linalg.norm(rhs)
-    info = {
+    return {
         "pcg_iterations": solve.iterations,
         "pcg_residual": solve.residual_norm / jnp.where(rhs_norm > 0, rhs_norm, 1.0),
         "pcg_status": solve.status,
@@ -406,10 +415,9 @@ def admm_step(
         "converged": converged,
         "rho": rho,
     }
-    return ADMMState(u=u, v=v, s=s, lam=lam, nu=nu), pre, rho_next, info
 
 
-admm_step_jit = jax.jit(admm_step)
+admm_step_jit = jax.jit(admm_step, static_argnames=("balance",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,7 +632,8 @@ def run_cronos(
     for k in iterations:
         step_start = time.perf_counter()
         state, pre, rho, info = admm_step_jit(
-            problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau, key
+            problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau, key,
+            balance=settings.balance_tau > 1,
         )
         v_sum, v_average, objectives, violations = _track(problem, v_sum, state.v, jnp.asarray(k, dtype), beta)
         objective_last, objective_average = np.asarray(objectives).tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import cvxpy as cp
@@ -16,6 +17,17 @@ from coala import cronos, cvxnn
 def spd_matrix(N: int, eigenvalues: np.ndarray, seed: int) -> np.ndarray:
     Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((N, N)))
     return (Q * eigenvalues) @ Q.T
+
+
+@functools.lru_cache(maxsize=None)
+def cvxpy_reference(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """The n=200, d=10, P=4 test problem and its Clarabel optimum: (X, y, D, beta, optimal value)."""
+    rng = np.random.default_rng(seed)
+    n, d, P, beta = 200, 10, 4, 1.0
+    X = rng.standard_normal((n, d))
+    y = np.sign(X @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n))
+    D, _ = cvxnn.sample_patterns(X, P, seed=1)
+    return X, y, D, beta, solve_with_cvxpy(X, y, D, beta)
 
 
 def solve_with_cvxpy(X: np.ndarray, y: np.ndarray, D: np.ndarray, beta: float) -> float:
@@ -36,12 +48,7 @@ def solve_with_cvxpy(X: np.ndarray, y: np.ndarray, D: np.ndarray, beta: float) -
 
 
 def test_admm_matches_cvxpy_objective():
-    rng = np.random.default_rng(0)
-    n, d, P, beta = 200, 10, 4, 1.0
-    X = rng.standard_normal((n, d))
-    y = np.sign(X @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n))
-    D, _ = cvxnn.sample_patterns(X, P, seed=1)
-    reference = solve_with_cvxpy(X, y, D, beta)
+    X, y, D, beta, reference = cvxpy_reference()
     settings = cronos.CronosSettings(beta=beta, rho=1.0, admm_iters=1000, pcg_iters=50, pcg_tol=1e-10, nystrom_rank=20)
     with jax.enable_x64(True):
         problem = cronos.make_problem(X, y, D, dtype=jnp.float64)
@@ -184,7 +191,9 @@ def test_history_records_every_iteration():
 @pytest.mark.parametrize(
     "change, name",
     [({"rho": 0.0}, "rho"), ({"rho": -1.0}, "rho"), ({"beta": 0.0}, "beta"), ({"admm_iters": 0}, "admm_iters"),
-     ({"step_ratio": 2.5}, "step_ratio"), ({"pcg_tol": 0.0}, "pcg_tol"), ({"nystrom_rank": -1}, "nystrom_rank")],
+     ({"step_ratio": 2.5}, "step_ratio"), ({"pcg_tol": 0.0}, "pcg_tol"), ({"nystrom_rank": -1}, "nystrom_rank"),
+     ({"rel_tol": -1e-3}, "rel_tol"), ({"abs_tol": 1.0}, "abs_tol"), ({"patience": -1}, "patience"),
+     ({"balance_tau": 0.5}, "balance_tau"), ({"balance_mu": 1.0}, "balance_mu")],
 )
 def test_settings_reject_nonsense(change, name):
     with pytest.raises(ValueError, match=name):
@@ -194,3 +203,70 @@ def test_settings_reject_nonsense(change, name):
 def test_nystrom_rank_above_system_size_rejected():
     with pytest.raises(ValueError, match="nystrom_rank"):
         cronos.CronosSettings(nystrom_rank=50).validate(system_size=40)
+
+
+def test_residual_balancing_matches_cvxpy_and_changes_rho():
+    X, y, D, beta, reference = cvxpy_reference()
+    # rho starts 100x too large; balancing must lower it and still reach the optimum.
+    settings = cronos.CronosSettings(beta=beta, rho=100.0, admm_iters=1000, pcg_iters=50, pcg_tol=1e-10,
+                                     nystrom_rank=20, balance_tau=2.0, rel_tol=1e-6, abs_tol=1e-9)
+    with jax.enable_x64(True):
+        problem = cronos.make_problem(X, y, D, dtype=jnp.float64)
+        result = cronos.run_cronos(problem, settings, progress=False)
+        Gv_norm = float(jnp.linalg.norm(cvxnn.G_apply(problem.X, problem.D, jnp.asarray(result.v_last))))
+    rhos = [record["rho"] for record in result.history]
+    assert min(rhos) < 100.0
+    last = result.history[-1]
+    assert abs(last["objective"] - reference) / reference < 1e-3
+    assert last["constraint_violation"] / Gv_norm < 1e-2
+
+
+def test_stopping_rule_stops_early_and_reports_status():
+    X, y, D = small_problem(seed=9)
+    problem = cronos.make_problem(X, y, D)
+    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=400, nystrom_rank=10, rel_tol=1e-3, abs_tol=1e-5)
+    result = cronos.run_cronos(problem, settings, progress=False)
+    assert result.status == "converged"
+    assert result.iterations == len(result.history) < 400
+    last = result.history[-1]
+    assert last["converged"]
+    assert last["primal_residual"] <= last["primal_tolerance"]
+    assert last["dual_residual"] <= last["dual_tolerance"]
+    assert not any(record["converged"] for record in result.history[:-1])
+    assert result.v_average.shape == result.v_last.shape
+
+    # Without tolerances every iteration runs.
+    unstopped = cronos.run_cronos(problem, cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=5, nystrom_rank=10),
+                                  progress=False)
+    assert unstopped.status == "max_iterations" and unstopped.iterations == 5
+
+
+def test_validation_patience_stops_and_keeps_best():
+    X, y, D = small_problem(seed=10)
+    problem = cronos.make_problem(X, y, D)
+    split = cronos.EvalSplit(X, y)
+    patience = 3
+    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=300, nystrom_rank=10, patience=patience)
+    result = cronos.run_cronos(problem, settings, train=split, validation=split, progress=False)
+    assert result.status == "validation_patience"
+    assert result.iterations < 300
+    best = max(max(r["validation_accuracy"], r["validation_accuracy_average"]) for r in result.history)
+    tail = result.history[-patience:]
+    earlier = result.history[:-patience]
+    assert max(max(r["validation_accuracy"], r["validation_accuracy_average"]) for r in earlier) == best
+    assert all(max(r["validation_accuracy"], r["validation_accuracy_average"]) <= best for r in tail)
+    assert result.kept["validation_accuracy"] == best
+
+
+def test_balancing_step_compiles_once_while_rho_changes(caplog):
+    X, y, D = small_problem(seed=11)
+    problem = cronos.make_problem(X, y, D)
+    settings = cronos.CronosSettings(beta=0.1, rho=100.0, admm_iters=12, nystrom_rank=10, balance_tau=2.0)
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        result = cronos.run_cronos(problem, settings, progress=False)
+    assert len({record["rho"] for record in result.history}) > 1
+    compiles = [record for record in caplog.records if "XLA compilation of jit(admm_step)" in record.getMessage()]
+    assert len(compiles) <= 1
+    cache_size = cronos.admm_step_jit._cache_size()
+    cronos.run_cronos(problem, settings, progress=False)
+    assert cronos.admm_step_jit._cache_size() == cache_size
