@@ -10,8 +10,8 @@ HH-RLHF harmless test pairs and the AlpacaEval preference pairs:
 
 For each folder it reports the relative objective gap of the default float32
 CRONOS run (residual stopping rule) to a long float64 run of the same program,
-the float64 run's own residuals, and the test accuracy and wall time of a run
-stopped by validation patience. It reports the same figures and the wall time
+and the float64 run's own residuals. It also reports the test accuracy and wall
+time of a run stopped by validation patience. It reports the same figures and the wall time
 for the AdamW search (8 learning rates from 1e-6 to 10^-2.5, 3 seeds, 30
 epochs, batch 1024), both cold (compilation included) and compiled. Objectives of the two methods are compared as the non-convex
 objective ``1/2 ||f(X) - y||^2 + beta/2 (||theta1||^2 + ||theta2||^2)``.

@@ -11,10 +11,15 @@ splits it as ``min 1/2||F u - y||^2 + beta ||v||_{2,1} + I_{>=0}(s)`` subject to
     lam <- lam + gamma_a (u - v);   nu <- nu + gamma_a (G u - s)
 
 The u-system is solved by preconditioned conjugate gradients (``pcg``), warm
-started from the previous u. Its matrix does not change between iterations, so
-the randomized Nystrom preconditioner (Frangella, Tropp & Udell, "Randomized
-Nystrom preconditioning", SIAM J. Matrix Anal. Appl. 2023) is built once per
-run. One ADMM iteration is one jitted XLA program (``admm_step``).
+started from the previous u. Its matrix changes only when residual balancing
+changes rho, so the randomized Nystrom preconditioner (Frangella, Tropp & Udell,
+"Randomized Nystrom preconditioning", SIAM J. Matrix Anal. Appl. 2023) is built
+once per run and rebuilt at each change of rho. One ADMM iteration, stopping rule
+and balancing included, is one jitted XLA program (``admm_step``).
+
+NOTE: On standardized LM features PCG usually stops at its iteration cap. The
+eigenvalues of ``X^T X`` spread over several decades and repeat in all 2P blocks
+of ``G^T G``, so a rank-r sketch captures only the top r / 2P of each block.
 """
 
 from __future__ import annotations
@@ -319,11 +324,11 @@ def admm_step(
     ``B = -I`` is evaluated here: the iterate has converged when
     ``||r|| <= sqrt(N_r) abs_tol + rel_tol max(||(u, G u)||, ||(v, s)||)`` and
     ``||d|| <= sqrt(N_u) abs_tol + rel_tol rho ||lam + G^T nu||``. With
-    ``balance`` (static) and ``balance_tau > 1`` rho is then rebalanced (``_residual_balance``); when it
-    changes, the scaled duals are divided by the same factor and the Nystrom
-    preconditioner, which depends on rho, is rebuilt from ``key`` inside a
-    ``lax.cond`` (so the step stays one compiled program). Without ``balance`` that
-    branch is not compiled at all, which keeps the first call cheaper.
+    ``balance`` (static) and ``balance_tau > 1``, rho is then rebalanced
+    (``_residual_balance``). When it changes, the scaled duals are divided by the
+    same factor. The Nystrom preconditioner depends on rho, so it is rebuilt from
+    ``key`` inside a ``lax.cond`` and the step stays one compiled program. Without
+    ``balance`` that branch is not compiled at all, which keeps the first call cheaper.
 
     Diagnostics: ``pcg_iterations``, ``pcg_residual`` (relative), ``pcg_status``,
     ``primal_residual_uv`` = ||u - v||, ``primal_residual_gs`` = ||G u - s||,
@@ -587,8 +592,8 @@ def run_cronos(
     the last iterate is kept.
 
     The run stops after ``admm_iters`` iterations, when the residual stopping rule
-    holds (``abs_tol``/``rel_tol``), or when validation accuracy has not improved for
-    ``patience`` iterations; ``CronosResult.status`` says which.
+    is met (``abs_tol``/``rel_tol``), or when validation accuracy has not improved for
+    ``patience`` iterations. ``CronosResult.status`` records which.
 
     NOTE: The O(1/K) rate of ADMM holds for the ergodic average; the last iterate
     usually converges faster in practice, so both are scored.
