@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PCG relative residual tolerance ||b - A u|| / ||b||")
     solver.add_argument("--nystrom_rank", type=int, default=20,
                         help="rank of the randomized Nystrom preconditioner; 0 runs plain CG")
+    solver.add_argument("--preconditioner", type=str, default="nystrom", choices=["nystrom", "block_nystrom"],
+                        help="PCG preconditioner of the u-update: nystrom sketches the whole system; block_nystrom "
+                             "inverts the block-diagonal part rho (I + X^T X) exactly and sketches only F^T F")
     solver.add_argument("--step_ratio", type=float, default=1.0, help="dual step gamma_a, in (0, 2)")
     solver.add_argument("--abs_tol", type=float, default=1e-5,
                         help="absolute tolerance of the stopping rule on the primal and dual residuals "
@@ -145,7 +148,8 @@ def solver_settings(args: argparse.Namespace) -> "CronosSettings":  # noqa: F821
 
     return CronosSettings(
         beta=args.beta, rho=args.rho, step_ratio=args.step_ratio, admm_iters=args.admm_iters,
-        pcg_iters=args.pcg_iters, pcg_tol=args.pcg_tol, nystrom_rank=args.nystrom_rank, seed=args.seed,
+        pcg_iters=args.pcg_iters, pcg_tol=args.pcg_tol, nystrom_rank=args.nystrom_rank,
+        preconditioner=args.preconditioner, seed=args.seed,
         abs_tol=args.abs_tol, rel_tol=args.rel_tol, patience=args.patience, balance_tau=args.balance_tau,
         balance_mu=args.balance_mu,
     )
@@ -244,6 +248,9 @@ def train(args: argparse.Namespace) -> Path:
     manifest = features.manifest
     model_name = args.model_name or manifest.get("model_name") or features_dir.name.split("__")[0]
     output_dir = Path(args.output_dir or f"cvxNN_trained_{model_name}")
+    if (output_dir / "head.safetensors").is_file():
+        logger.warning("%s already contains a head; it will be replaced when training finishes. "
+                       "Pass --output_dir to keep both.", output_dir)
     dtype = jnp.float64 if args.x64 else jnp.float32
     train = data.splits["train"]
     eval_splits = {name: cronos.EvalSplit(split.X, split.y, split.pairs) for name, split in data.splits.items()}
@@ -337,6 +344,11 @@ def train(args: argparse.Namespace) -> Path:
 
     # Summary.
     print(f"Head written to {output_dir} ({weights.active}/{2 * args.num_patterns} active neurons).")
+    if weights.active == 0:
+        logger.warning(
+            "Every neuron of the recovered network is zero, so the head scores every text 0. "
+            "Run more ADMM iterations (--admm_iters, now %d) or lower --beta (now %g).", args.admm_iters, args.beta
+        )
     print(f"ADMM stopped after {result.iterations} iterations ({result.status}). "
           f"Kept the {result.kept['iterate']} iterate of ADMM iteration {result.kept['iteration']}; "
           f"final objective {result.history[-1]['objective']:.6g}; CRONOS time {result.seconds:.1f}s.")
@@ -352,4 +364,6 @@ def train(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from coala.cli import run_cli
+
+    run_cli(main)

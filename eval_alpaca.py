@@ -295,4 +295,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from coala.cli import run_cli
+
+    run_cli(main, interrupted_hint="generate saves answers after every batch; rerun the same command to resume.")

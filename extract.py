@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from coala.config import (
-    ConfigError,
     add_config_flag,
     namespace_to_dict,
     parse_args_with_config,
@@ -227,12 +225,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from coala.backbone import BackboneError
-    from coala.data import DataError
-    from coala.extraction import ExtractionError
+    from coala.cli import run_cli
 
-    try:
-        main()
-    except (ExtractionError, DataError, BackboneError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, interrupted_hint="Finished batches are saved; rerun the same command to resume.")

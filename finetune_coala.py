@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -108,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     pooling = dict(head.config.get("pooling") or {})
     model_name = pooling.get("model_name") or features.manifest.get("model_name") or "model"
     output_dir = Path(args.output_dir or f"Finetuned_cvxmlp_{model_name}")
+    if (output_dir / "head.safetensors").is_file():
+        logger.warning(
+            "%s already contains a head; it will be replaced when training finishes. Pass --output_dir to keep both.", output_dir
+        )
     logger.info("Head %s (%d neurons), features %s", args.model_path, head.num_neurons, features.path)
 
     # Pairs and hidden activations (theta1 is frozen, so these are computed once)
@@ -186,8 +189,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FinetuneError, ValueError) as error:
-        logging.getLogger("finetune_coala").error("%s", error)
-        sys.exit(2)
+    from coala.cli import run_cli
+
+    run_cli(main)

@@ -52,13 +52,15 @@ def benchmark_folder(folder: Path, args: argparse.Namespace) -> dict:
     train = data.splits["train"]
     D, _ = cvxnn.sample_patterns(train.X, args.num_patterns, seed=0)
     settings = cronos.CronosSettings(beta=args.beta, rho=args.rho, admm_iters=args.admm_iters,
-                                     pcg_iters=32, pcg_tol=1e-5, nystrom_rank=20, rel_tol=args.rel_tol,
+                                     pcg_iters=32, pcg_tol=1e-5, nystrom_rank=20,
+                                     preconditioner=args.preconditioner, rel_tol=args.rel_tol,
                                      abs_tol=args.abs_tol)
 
     # Long float64 reference of the same program (no per-iteration accuracies).
     with jax.enable_x64(True):
         reference_settings = cronos.CronosSettings(beta=args.beta, rho=args.rho, admm_iters=args.reference_iters,
-                                                   pcg_iters=50, pcg_tol=1e-8, nystrom_rank=20, rel_tol=1e-6,
+                                                   pcg_iters=50, pcg_tol=1e-8, nystrom_rank=20,
+                                                   preconditioner=args.preconditioner, rel_tol=1e-6,
                                                    abs_tol=1e-9)
         problem64 = cronos.make_problem(train.X, train.y, D, dtype=jnp.float64)
         reference = cronos.run_cronos(problem64, reference_settings, progress=False)
@@ -110,6 +112,8 @@ def benchmark_folder(folder: Path, args: argparse.Namespace) -> dict:
         "reference_seconds": reference.seconds,
         "reference_status": reference.status,
         "reference_iterations": reference.iterations,
+        "preconditioner": args.preconditioner,
+        "reference_pcg_iterations_mean": float(np.mean([record["pcg_iterations"] for record in reference.history])),
         "reference_residuals": {key: reference.history[-1][key] for key in
                                 ("primal_residual", "primal_tolerance", "dual_residual", "dual_tolerance",
                                  "constraint_violation", "pcg_iterations")},
@@ -168,6 +172,8 @@ def main() -> None:
     parser.add_argument("--abs_tol", type=float, default=1e-5, help="absolute residual tolerance of the float32 run")
     parser.add_argument("--patience", type=int, default=10,
                         help="validation patience (ADMM iterations) of the early-stopped float32 run")
+    parser.add_argument("--preconditioner", type=str, default="nystrom", choices=["nystrom", "block_nystrom"],
+                        help="PCG preconditioner of both CRONOS runs and the float64 reference")
     parser.add_argument("--adamw_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--output", type=Path, default=Path("/tmp/coala_bench_cronos.json"), help="results JSON")
     args = parser.parse_args()

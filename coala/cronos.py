@@ -17,9 +17,11 @@ changes rho, so the randomized Nystrom preconditioner (Frangella, Tropp & Udell,
 once per run and rebuilt at each change of rho. One ADMM iteration, stopping rule
 and balancing included, is one jitted XLA program (``admm_step``).
 
-NOTE: On standardized LM features PCG usually stops at its iteration cap. The
-eigenvalues of ``X^T X`` spread over several decades and repeat in all 2P blocks
-of ``G^T G``, so a rank-r sketch captures only the top r / 2P of each block.
+NOTE: On standardized LM features PCG with the Nystrom preconditioner usually stops
+at its iteration cap. The eigenvalues of ``X^T X`` spread over several decades and
+repeat in all 2P blocks of ``G^T G``, so a rank-r sketch captures only the top
+r / 2P of each block. ``BlockNystromPreconditioner`` (``preconditioner="block_nystrom"``)
+inverts that block-diagonal part exactly and sketches only ``F^T F``.
 """
 
 from __future__ import annotations
@@ -288,6 +290,84 @@ def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) ->
 build_preconditioner_jit = jax.jit(build_preconditioner, static_argnames=("rank",))
 
 
+class BlockNystromPreconditioner(NamedTuple):
+    """The exact inverse of the block-diagonal part of the u-system, with a Nystrom sketch of the rest.
+
+    With ``C = I + blockdiag(X^T X)`` (2P equal blocks) the u-system matrix is
+    ``A = F^T F + rho C = C^{1/2} (K + rho I) C^{1/2}`` where
+    ``K = C^{-1/2} F^T F C^{-1/2}``. The preconditioner is
+    ``M = C^{1/2} P_K C^{1/2}`` with ``P_K`` the rank-r Nystrom preconditioner of
+    ``K + rho I``, so ``M^{-1} r = C^{-1/2} P_K^{-1} C^{-1/2} r``: symmetric positive
+    definite because ``P_K`` is.
+
+    NOTE: The textbook Nystrom preconditioner (``NystromPreconditioner``) sketches the
+    whole PSD part ``F^T F + rho G^T G`` and treats everything outside the sketch as
+    ``mu I``. Here the part ``rho G^T G = rho blockdiag(X^T X)`` is inverted exactly
+    instead: its spectrum (that of ``X^T X``, often spread over six decades) repeats in
+    all 2P blocks, so a rank-r sketch would capture only the top r / 2P eigenvalues of
+    each block. The sketch is spent on ``K`` alone, whose eigenvalues lie in
+    ``[0, 2P]`` because every block ``D_i X C_b^{-1/2}`` (``C_b = I + X^T X``) has
+    singular values below 1. ``K`` does not depend on rho, so a change of rho only
+    changes the shift ``mu`` and needs no new sketch.
+
+    Attributes:
+      eigenvectors: (d, d) orthonormal eigenvectors ``V`` of ``X^T X``.
+      inv_sqrt: (d,) ``(1 + e)^{-1/2}`` for the eigenvalues ``e`` of ``X^T X``, so that
+        ``C_b^{-1/2} = V diag(inv_sqrt) V^T``.
+      nystrom: the Nystrom preconditioner of ``K + mu I`` with ``mu = rho``, on vectors of length 2dP.
+    """
+
+    eigenvectors: Array
+    inv_sqrt: Array
+    nystrom: NystromPreconditioner
+
+
+def _block_inv_sqrt(pre: BlockNystromPreconditioner, u: Array) -> Array:
+    """Return ``C^{-1/2} u`` (2, d, P) for u (2, d, P)."""
+    V = pre.eigenvectors
+    return jnp.einsum("ab,jbp->jap", V, pre.inv_sqrt[:, None] * jnp.einsum("ba,jbp->jap", V, u))
+
+
+def build_block_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) -> BlockNystromPreconditioner:
+    """Build the block-diagonal-plus-Nystrom preconditioner (``BlockNystromPreconditioner``) of the u-system.
+
+    Costs one eigendecomposition of ``X^T X`` (d, d), shared by all 2P blocks, and
+    ``rank`` products with ``K = C^{-1/2} F^T F C^{-1/2}``.
+    """
+    shape = problem.Fty.shape
+    dim = int(np.prod(shape))
+    dtype = problem.X.dtype
+    gram = 0.5 * (problem.XtX + problem.XtX.T)
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+    inv_sqrt = 1.0 / jnp.sqrt(1.0 + jnp.maximum(eigenvalues, 0.0))
+    block_part = BlockNystromPreconditioner(eigenvectors, inv_sqrt, NystromPreconditioner(
+        U=jnp.zeros((dim, rank), dtype), S=jnp.zeros((rank,), dtype), mu=jnp.asarray(rho, dtype)))
+
+    def flat_K(x: Array) -> Array:
+        w = _block_inv_sqrt(block_part, x.reshape(shape))
+        FtFw = cvxnn.F_transpose_apply(problem.X, problem.D, cvxnn.F_apply(problem.X, problem.D, w))
+        return _block_inv_sqrt(block_part, FtFw).reshape(-1)
+
+    nystrom = nystrom_approximation(flat_K, dim, rank, rho, key, dtype=dtype)
+    return block_part._replace(nystrom=nystrom)
+
+
+build_block_preconditioner_jit = jax.jit(build_block_preconditioner, static_argnames=("rank",))
+
+
+def apply_block_nystrom(pre: BlockNystromPreconditioner, r: Array) -> Array:
+    """Return ``M^{-1} r = C^{-1/2} P_K^{-1} C^{-1/2} r`` (N,) for a flat r (N,) = (2 d P,)."""
+    d = pre.eigenvectors.shape[0]
+    shape = (2, d, r.size // (2 * d))
+    w = _block_inv_sqrt(pre, r.reshape(shape)).reshape(-1)
+    w = apply_nystrom(pre.nystrom, w)
+    return _block_inv_sqrt(pre, w.reshape(shape)).reshape(-1)
+
+
+Preconditioner = NystromPreconditioner | BlockNystromPreconditioner
+PRECONDITIONERS = ("nystrom", "block_nystrom")
+
+
 def _residual_balance(primal: Array, dual: Array, mu: Array, tau: Array) -> Array:
     """Return the factor (tau, 1 or 1/tau) by which residual balancing multiplies rho.
 
@@ -304,7 +384,7 @@ def _residual_balance(primal: Array, dual: Array, mu: Array, tau: Array) -> Arra
 
 def admm_step(
     problem: Problem,
-    pre: NystromPreconditioner | None,
+    pre: Preconditioner | None,
     state: ADMMState,
     rho: Array,
     beta: Array,
@@ -317,7 +397,7 @@ def admm_step(
     balance_tau: Array | float = 1.0,
     key: Array | None = None,
     balance: bool = False,
-) -> tuple[ADMMState, NystromPreconditioner | None, Array, dict[str, Array]]:
+) -> tuple[ADMMState, Preconditioner | None, Array, dict[str, Array]]:
     """Run one ADMM iteration; return the new state, the preconditioner and rho for the next one, and diagnostics.
 
     The stopping rule of Boyd et al. (2011, section 3.3.1) with ``A = [I; G]`` and
@@ -327,7 +407,8 @@ def admm_step(
     ``balance`` (static) and ``balance_tau > 1``, rho is then rebalanced
     (``_residual_balance``). When it changes, the scaled duals are divided by the
     same factor. The Nystrom preconditioner depends on rho, so it is rebuilt from
-    ``key`` inside a ``lax.cond`` and the step stays one compiled program. Without
+    ``key`` inside a ``lax.cond`` and the step stays one compiled program. A
+    ``BlockNystromPreconditioner`` only takes the new shift (its sketch does not depend on rho). Without
     ``balance`` that branch is not compiled at all, which keeps the first call cheaper.
 
     Diagnostics: ``pcg_iterations``, ``pcg_residual`` (relative), ``pcg_status``,
@@ -346,6 +427,10 @@ def admm_step(
 
     if pre is None:
         precond = None
+    elif isinstance(pre, BlockNystromPreconditioner):
+
+        def precond(r: Array) -> Array:
+            return apply_block_nystrom(pre, r)
     else:
 
         def precond(r: Array) -> Array:
@@ -384,7 +469,9 @@ def admm_step(
     rho_next = rho * factor
     lam = lam / factor
     nu = nu / factor
-    if pre is not None:
+    if isinstance(pre, BlockNystromPreconditioner):
+        pre = pre._replace(nystrom=pre.nystrom._replace(mu=rho_next))
+    elif pre is not None:
         rank = pre.U.shape[1]
         sketch_key = jax.random.PRNGKey(0) if key is None else key
 
@@ -440,7 +527,10 @@ class CronosSettings:
       admm_iters: number of ADMM iterations (>= 1).
       pcg_iters: PCG iteration cap per ADMM iteration (>= 1).
       pcg_tol: PCG relative residual tolerance (> 0).
-      nystrom_rank: rank of the Nystrom preconditioner; 0 runs plain CG.
+      nystrom_rank: rank of the Nystrom preconditioner; 0 runs plain CG (with either preconditioner).
+      preconditioner: ``"nystrom"`` (sketch of the whole u-system, ``NystromPreconditioner``)
+        or ``"block_nystrom"`` (exact inverse of the block-diagonal part plus a sketch of
+        the rest, ``BlockNystromPreconditioner``).
       seed: seed of the Nystrom test matrix.
       abs_tol, rel_tol: stopping rule on the primal and dual residuals (``admm_step``);
         both 0 runs all ``admm_iters`` iterations.
@@ -458,6 +548,7 @@ class CronosSettings:
     pcg_iters: int = 32
     pcg_tol: float = 1e-6
     nystrom_rank: int = 20
+    preconditioner: str = "nystrom"
     seed: int = 0
     abs_tol: float = 0.0
     rel_tol: float = 0.0
@@ -475,6 +566,7 @@ class CronosSettings:
             ("pcg_iters", int(self.pcg_iters) == self.pcg_iters and self.pcg_iters >= 1, "an integer >= 1"),
             ("pcg_tol", 0 < self.pcg_tol < 1, "in (0, 1)"),
             ("nystrom_rank", int(self.nystrom_rank) == self.nystrom_rank and self.nystrom_rank >= 0, "an integer >= 0"),
+            ("preconditioner", self.preconditioner in PRECONDITIONERS, f"one of {', '.join(PRECONDITIONERS)}"),
             ("abs_tol", 0 <= self.abs_tol < 1, "in [0, 1)"),
             ("rel_tol", 0 <= self.rel_tol < 1, "in [0, 1)"),
             ("patience", int(self.patience) == self.patience and self.patience >= 0, "an integer >= 0 (0 = off)"),
@@ -615,7 +707,8 @@ def run_cronos(
     start = time.perf_counter()
     pre = None
     if settings.nystrom_rank > 0:
-        pre = build_preconditioner_jit(problem, rho, settings.nystrom_rank, sketch_key)
+        build = build_block_preconditioner_jit if settings.preconditioner == "block_nystrom" else build_preconditioner_jit
+        pre = build(problem, rho, settings.nystrom_rank, sketch_key)
         pre = jax.block_until_ready(pre)
     state = initial_state(problem)
     v_sum = jnp.zeros(shape, dtype)

@@ -947,4 +947,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from coala.cli import run_cli
+
+    run_cli(main)

@@ -389,7 +389,12 @@ def vector_stats(vector: np.ndarray) -> dict[str, float]:
 
 
 def rose_monotonically(values: list[float], tolerance: float = 0.0) -> bool:
-    """Return whether each value is at least the previous one minus ``tolerance``."""
+    """Return whether each value is at least the previous one minus ``tolerance`` and the last exceeds the first.
+
+    A flat series (for example the margins of an all-zero head) is not a rise.
+    """
+    if len(values) < 2 or values[-1] <= values[0]:
+        return False
     return all(later >= earlier - tolerance for earlier, later in zip(values, values[1:]))
 
 

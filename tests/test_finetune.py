@@ -222,6 +222,7 @@ def test_subsample_and_monotonic_helpers():
     assert subsample_pairs(chosen, rejected, 0, seed=0)[0].shape == (30, 2)
     assert rose_monotonically([0.0, 0.1, 0.1, 0.3])
     assert not rose_monotonically([0.0, 0.2, 0.1])
+    assert not rose_monotonically([0.0, 0.0, 0.0])
 
 
 # ----------------------------------------------------------------------------
