@@ -168,3 +168,37 @@ def test_atomic_write_keeps_old_on_failure(tmp_path: Path) -> None:
         atomic_write(target, failing_write)
     assert target.read_text() == "old"
     assert [path.name for path in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_cli_user_error_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from coala.cli import run_cli
+
+    def fail_with_config_error() -> None:
+        raise ConfigError("Config file x.yaml has unknown keys ['betta'].")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fail_with_config_error)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: Config file x.yaml has unknown keys ['betta']."
+
+
+def test_cli_bug_keeps_traceback() -> None:
+    from coala.cli import run_cli
+
+    def fail_with_bug() -> None:
+        raise ValueError("not a coala error")
+
+    with pytest.raises(ValueError, match="not a coala error"):
+        run_cli(fail_with_bug)
+
+
+def test_cli_interrupt_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    from coala.cli import run_cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(interrupted, interrupted_hint="Rerun to resume.")
+    assert exit_info.value.code == 130
+    assert "Rerun to resume." in capsys.readouterr().err
