@@ -99,6 +99,17 @@ def test_patience_flag_stops_early(feature_base, tmp_path):
     assert metrics["final"]["test_accuracy"] >= 0.9
 
 
+def test_block_nystrom_flag_trains_head(feature_base, tmp_path):
+    output = tmp_path / "head"
+    flags = FAST + ["--preconditioner", "block_nystrom"]
+    cronos_trainer.main(["--features_dir", str(feature_base / f"{MODEL}__prefs__mean"), "--output_dir", str(output)] + flags)
+    head = load_head(output)
+    assert head.config["preconditioner"] == "block_nystrom"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert all(record["pcg_status"] == "converged" for record in metrics["history"])
+    assert metrics["final"]["test_accuracy"] >= 0.9
+
+
 def test_model_name_lookup_and_default_output(feature_base, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cronos_trainer.main(["--model_name", MODEL, "--output_base", str(feature_base)] + FAST)
