@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the paper's Figure 1figure1 into ${RESULTS_ROOT:-results}/figure1/ (table.md, table.csv, reward_margins.png).
+# Regenerate Figure 1 (reward margins of COALA and DPO per step) of Feng & Pilanci, "Convex Optimization for Alignment and Preference Learning on a Single GPU" (ICML 2026) into ${RESULTS_ROOT:-results}/figure1/ (table.md, table.csv, reward_margins.png).
 #
 #   SCALE=small bash scripts/figure1_reward_margins.sh    SmolLM2-135M on CPU, offline (default)
 #   SCALE=paper bash scripts/figure1_reward_margins.sh    the paper's models on a GPU; needs the hub

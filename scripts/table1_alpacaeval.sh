@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the paper's table1 into ${RESULTS_ROOT:-results}/table1/ (table.md, table.csv).
+# Regenerate Table 1 (AlpacaEval 2 win rates) of Feng & Pilanci, "Convex Optimization for Alignment and Preference Learning on a Single GPU" (ICML 2026) into ${RESULTS_ROOT:-results}/table1/ (table.md, table.csv).
 #
 #   SCALE=small bash scripts/table1_alpacaeval.sh    SmolLM2-135M on CPU, offline (default)
 #   SCALE=paper bash scripts/table1_alpacaeval.sh    the paper's models on a GPU; needs the hub

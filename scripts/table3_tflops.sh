@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the paper's table3 into ${RESULTS_ROOT:-results}/table3/ (table.md, table.csv).
+# Regenerate Table 3 (TFLOPs per method) of Feng & Pilanci, "Convex Optimization for Alignment and Preference Learning on a Single GPU" (ICML 2026) into ${RESULTS_ROOT:-results}/table3/ (table.md, table.csv).
 #
 #   SCALE=small bash scripts/table3_tflops.sh    SmolLM2-135M on CPU, offline (default)
 #   SCALE=paper bash scripts/table3_tflops.sh    the paper's models on a GPU; needs the hub

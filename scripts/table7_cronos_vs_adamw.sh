@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the paper's table7 into ${RESULTS_ROOT:-results}/table7/ (table.md, table.csv).
+# Regenerate Table 7 (CRONOS vs AdamW accuracy) of Feng & Pilanci, "Convex Optimization for Alignment and Preference Learning on a Single GPU" (ICML 2026) into ${RESULTS_ROOT:-results}/table7/ (table.md, table.csv).
 #
 #   SCALE=small bash scripts/table7_cronos_vs_adamw.sh    SmolLM2-135M on CPU, offline (default)
 #   SCALE=paper bash scripts/table7_cronos_vs_adamw.sh    the paper's models on a GPU; needs the hub
