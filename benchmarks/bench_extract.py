@@ -37,11 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from coala import backbone, extraction
-from coala.data import load_preferences
+from coala.data import load_preferences, offline_data_dir
 from coala.io import atomic_write_json, setup_logging
 from coala.pooling import pool_hidden
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = offline_data_dir()
 
 
 def build_parser() -> argparse.ArgumentParser:

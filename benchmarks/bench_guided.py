@@ -29,11 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from coala.backbone import ensure_converted_smollm2  # noqa: E402
+from coala.data import offline_data_dir  # noqa: E402
 from coala.guided import GuidanceConfig, PreferenceHead, generate_token_ids  # noqa: E402
 from coala.head import HeadParams, save_head  # noqa: E402
 from coala.pooling import make_attn_scorer  # noqa: E402
 
-ALPACA_OUTPUTS = REPO_ROOT.parent / "shared" / "data" / "alpaca_eval" / "gpt4_1106_preview_model_outputs.json.gz"
+ALPACA_OUTPUTS = offline_data_dir() / "alpaca_eval" / "gpt4_1106_preview_model_outputs.json.gz"
 
 
 def load_instructions(count: int) -> list[str]:

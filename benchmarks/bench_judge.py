@@ -33,9 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from coala.alpaca import AlignedRow  # noqa: E402
+from coala.data import offline_data_dir  # noqa: E402
 from coala.io import atomic_write_json, setup_logging  # noqa: E402
 
-SHARED_ALPACA = REPO_ROOT.parent / "shared" / "data" / "alpaca_eval"
+SHARED_ALPACA = offline_data_dir() / "alpaca_eval"
 
 # -----------------------------------------------------------------------------
 # Settings

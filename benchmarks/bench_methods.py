@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from coala import flops  # noqa: E402
 from coala.backbone import ensure_converted_smollm2  # noqa: E402
+from coala.data import offline_data_dir  # noqa: E402
 
-HH_RLHF = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+HH_RLHF = offline_data_dir() / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 def timed(command: list[str], log_path: Path) -> dict:

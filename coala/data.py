@@ -50,6 +50,20 @@ from coala.io import atomic_write_text, sha256_path
 
 logger = logging.getLogger(__name__)
 
+OFFLINE_DATA_ENV = "COALA_OFFLINE_DATA"
+
+
+def offline_data_dir() -> Path:
+    """Return the folder of the offline data files (``hh-rlhf/``, ``alpaca_eval/``).
+
+    ``$COALA_OFFLINE_DATA`` when set, else ``shared/data`` next to the repository folder.
+    """
+    configured = os.environ.get(OFFLINE_DATA_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
 SPLIT_NAMES = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 

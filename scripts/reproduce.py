@@ -38,9 +38,7 @@ from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-ALPACA_REFERENCE = SHARED_DATA / "alpaca_eval" / "gpt4_1106_preview_model_outputs.json.gz"
-
+from coala.data import OFFLINE_DATA_ENV, offline_data_dir  # noqa: E402
 from coala.io import atomic_write_text, setup_logging  # noqa: E402
 from coala.paper import PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3, PAPER_TABLE7, PAPER_TABLE3_TRAIN_PAIRS  # noqa: E402
 
@@ -68,13 +66,32 @@ class Scale:
     configs: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
+def alpaca_reference() -> Path:
+    """Return the path of the AlpacaEval 2 reference outputs (GPT-4-turbo, 805 instructions) in the offline data folder."""
+    return offline_data_dir() / "alpaca_eval" / "gpt4_1106_preview_model_outputs.json.gz"
+
+
+def check_offline_data(scale: Scale, table: str) -> None:
+    """Exit with a clear message before any work when a file this table needs is missing."""
+    needed = [Path(path) for path in scale.datasets.values() if scale.name != "paper"]
+    if table in ("table1", "table2"):
+        needed.append(alpaca_reference())
+    missing = [path for path in needed if not path.exists()]
+    if missing:
+        raise SystemExit(
+            f"Data file not found: {missing[0]}. Set {OFFLINE_DATA_ENV} to the folder that contains "
+            "alpaca_eval/gpt4_1106_preview_model_outputs.json.gz (the gpt4_1106_preview model outputs of the "
+            "tatsu-lab/alpaca_eval hub data set) and alpaca_eval/preference_pairs.jsonl.gz."
+        )
+
+
 def make_scale(name: str, work: Path) -> Scale:
     """Return the settings of scale ``name`` (ci, small or paper). The ci model is built under ``work``."""
     if name == "ci":
         return Scale(
             name=name,
             models={"tiny-llama": str(work / "models" / "tiny-llama")},
-            datasets={"AlpacaPairs": str(SHARED_DATA / "alpaca_eval" / "preference_pairs.jsonl.gz")},
+            datasets={"AlpacaPairs": str(offline_data_dir() / "alpaca_eval" / "preference_pairs.jsonl.gz")},
             seeds=[0],
             max_pairs=40,
             max_length=64,
@@ -224,7 +241,7 @@ def run_eval(scale: Scale, work: Path, method: str, model: str, dataset: str, se
         source = ["--model_path", scale.models[model], "--head", str(coala["finetuned"])]
     else:
         source = ["--model_path", str(run_baseline(scale, work, method.lower(), model, dataset, seed))]
-    generate = ["generate", *common, *source, "--eval_set", str(ALPACA_REFERENCE), "--output_dir", str(out),
+    generate = ["generate", *common, *source, "--eval_set", str(alpaca_reference()), "--output_dir", str(out),
                 "--max_new_tokens", str(scale.max_new_tokens), "--seed", str(seed), "--generator_name", method]
     if scale.eval_instances:
         generate += ["--max_instances", str(scale.eval_instances)]
@@ -232,7 +249,7 @@ def run_eval(scale: Scale, work: Path, method: str, model: str, dataset: str, se
         generate += ["--device", "cpu"]
     if not done(out / "model_outputs.json") or scale.eval_instances is None:
         eval_alpaca.main(generate)
-    judge = ["judge", *common, "--outputs", str(out / "model_outputs.json"), "--reference", str(ALPACA_REFERENCE), "--judge", scale.judge,
+    judge = ["judge", *common, "--outputs", str(out / "model_outputs.json"), "--reference", str(alpaca_reference()), "--judge", scale.judge,
              "--method", method, "--dataset", dataset, "--model_name", model, "--seed", str(seed)]
     eval_alpaca.main(judge)
     return out
@@ -572,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO_ROOT)
     scale = make_scale(args.scale, work)
+    check_offline_data(scale, args.table)
     prepare_models(scale, work)
     results = results_root / RESULT_FOLDERS[args.table]
     if args.table == "table2":

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from coala.data import offline_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = offline_data_dir()
 HH_RLHF_FILE = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 ALPACA_DIR = SHARED_DATA / "alpaca_eval"
 
