@@ -276,6 +276,45 @@ def group_soft_threshold(w: Array, threshold: Array) -> Array:
     return w * scale
 
 
+def dual_bound(problem: Problem, v: Array, nu: Array, rho: Array, beta: Array) -> Array:
+    """Return a lower bound on the optimal value of the convex program, from ADMM's current iterates.
+
+    The Lagrange dual of ``min 1/2 ||F u - y||^2 + beta ||u||_{2,1}`` subject to ``G u >= 0`` is
+    ``max -1/2 ||w||^2 - w^T y`` over ``w`` (n,) and ``z >= 0`` (2, n, P) with
+    ``||(F^T w - G^T z)_g||_2 <= beta`` for every neuron block ``g``. The candidate is the
+    residual ``w = F v - y`` and ADMM's multiplier of ``G u >= 0``, ``z = max(-rho nu, 0)``,
+    both scaled by the factor ``t`` in ``[0, t_max]`` that maximizes the dual, where
+    ``t_max`` makes the pair feasible. By weak duality every feasible pair bounds the
+    optimum from below, at every iterate. At a primal-dual solution the bound is tight.
+
+    NOTE: ``objective(v) - dual_bound`` bounds the objective gap of v only when v is
+    feasible. ADMM's v may violate ``G v >= 0`` slightly (``constraint_violation``), and
+    then its objective can lie below the optimum. The dual variables also converge more
+    slowly than the objective, so in float32 the bound can stay loose while the
+    objective is already within 1e-3 of the optimum.
+
+    Args:
+      problem: the program.
+      v: (2, d, P) primal iterate.
+      nu: (2, n, P) scaled dual of ``G u = s``.
+      rho: the ADMM penalty that scales ``nu``.
+      beta: group-lasso strength.
+
+    Returns:
+      A scalar lower bound on the optimal value.
+    """
+    X, D, y = problem.X, problem.D, problem.y
+    w = cvxnn.F_apply(X, D, v) - y
+    z = jnp.maximum(-rho * nu, 0.0)
+    max_block_norm = jnp.max(cvxnn.group_norms(cvxnn.F_transpose_apply(X, D, w) - cvxnn.G_transpose_apply(X, D, z)))
+    tiny = jnp.finfo(X.dtype).tiny
+    t_max = jnp.where(max_block_norm > tiny, beta / jnp.maximum(max_block_norm, tiny), jnp.inf)
+    w_norm2 = jnp.sum(w * w)
+    # The dual is a concave quadratic in t, maximized at -w^T y / ||w||^2.
+    t = jnp.clip(-jnp.dot(w, y) / jnp.maximum(w_norm2, tiny), 0.0, t_max)
+    return -0.5 * t * t * w_norm2 - t * jnp.dot(w, y)
+
+
 def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) -> NystromPreconditioner:
     """Build the Nystrom preconditioner of the u-system ``F^T F + rho G^T G + rho I``."""
     shape = problem.Fty.shape
@@ -534,6 +573,8 @@ class CronosSettings:
       seed: seed of the Nystrom test matrix.
       abs_tol, rel_tol: stopping rule on the primal and dual residuals (``admm_step``);
         both 0 runs all ``admm_iters`` iterations.
+      gap_tol: stop once the relative duality gap of the last iterate (``dual_bound``) is at
+        most this; 0 turns it off.
       patience: stop once the validation accuracy (text, then pairwise) has not
         improved for this many iterations; 0 turns it off. Needs a validation split.
       balance_tau: residual balancing multiplies or divides rho by this factor (> 1)
@@ -552,6 +593,7 @@ class CronosSettings:
     seed: int = 0
     abs_tol: float = 0.0
     rel_tol: float = 0.0
+    gap_tol: float = 0.0
     patience: int = 0
     balance_tau: float = 1.0
     balance_mu: float = 10.0
@@ -569,6 +611,7 @@ class CronosSettings:
             ("preconditioner", self.preconditioner in PRECONDITIONERS, f"one of {', '.join(PRECONDITIONERS)}"),
             ("abs_tol", 0 <= self.abs_tol < 1, "in [0, 1)"),
             ("rel_tol", 0 <= self.rel_tol < 1, "in [0, 1)"),
+            ("gap_tol", 0 <= self.gap_tol < 1, "in [0, 1) (0 = off)"),
             ("patience", int(self.patience) == self.patience and self.patience >= 0, "an integer >= 0 (0 = off)"),
             ("balance_tau", 1 <= self.balance_tau < math.inf, "a finite number >= 1 (1 = fixed rho)"),
             ("balance_mu", 1 < self.balance_mu < math.inf, "a finite number > 1"),
@@ -610,7 +653,7 @@ class CronosResult:
       seconds: wall time of the whole run, including compilation.
       compile_seconds: wall time of the first ADMM step (compilation included).
       status: why the run stopped: ``"converged"`` (residual stopping rule),
-        ``"validation_patience"`` or ``"max_iterations"``.
+        ``"duality_gap"`` (``gap_tol``), ``"validation_patience"`` or ``"max_iterations"``.
       iterations: ADMM iterations run.
     """
 
@@ -646,13 +689,20 @@ def _scores(X: Array, v: Array, v_average: Array) -> Array:
 
 
 @jax.jit
-def _track(problem: Problem, v_sum: Array, v: Array, k: Array, beta: Array) -> tuple[Array, Array, Array, Array]:
-    """Update the running sum of v; return it, the average, objectives (2,) and violations (2,) of last and average."""
+def _track(
+    problem: Problem, v_sum: Array, state: ADMMState, rho: Array, k: Array, beta: Array
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Add v to the running sum and score the last and the averaged iterate.
+
+    Returns the new sum, the average, objectives (2,) and constraint violations (2,) of
+    (last, average), and the ``dual_bound`` of the last iterate.
+    """
+    v = state.v
     v_sum = v_sum + v
     v_average = v_sum / k
     objectives = jnp.stack([cvxnn.objective(problem.X, problem.D, problem.y, w, beta) for w in (v, v_average)])
     violations = jnp.stack([cvxnn.constraint_violation(problem.X, problem.D, w) for w in (v, v_average)])
-    return v_sum, v_average, objectives, violations
+    return v_sum, v_average, objectives, violations, dual_bound(problem, v, state.nu, rho, beta)
 
 
 def _validation_score(record: dict[str, Any], suffix: str) -> tuple[float, float]:
@@ -677,14 +727,17 @@ def run_cronos(
     """Run CRONOS on ``problem``, recording diagnostics per iteration and keeping the best iterate.
 
     Every iteration records the objective and constraint violation of the last v
-    and of the ergodic average, the residuals and their tolerances, rho, the PCG
+    and of the ergodic average, a lower bound on the optimum (``dual_bound``) and the
+    relative duality gap of the last v (``duality_gap``, a certified bound on its
+    relative objective gap when v is feasible), the residuals and their tolerances, rho, the PCG
     iteration count, and the accuracies of both iterates on ``train`` and
     ``validation``. The kept iterate maximizes validation text accuracy, then
     validation pairwise accuracy, then lower objective; without a validation split
     the last iterate is kept.
 
     The run stops after ``admm_iters`` iterations, when the residual stopping rule
-    is met (``abs_tol``/``rel_tol``), or when validation accuracy has not improved for
+    is met (``abs_tol``/``rel_tol``), when the relative duality gap is at most ``gap_tol``,
+    or when validation accuracy has not improved for
     ``patience`` iterations. ``CronosResult.status`` records which.
 
     NOTE: The O(1/K) rate of ADMM holds for the ergodic average; the last iterate
@@ -729,11 +782,15 @@ def run_cronos(
     iterations = tqdm(range(1, settings.admm_iters + 1), desc="CRONOS ADMM", disable=not progress, leave=False)
     for k in iterations:
         step_start = time.perf_counter()
-        state, pre, rho, info = admm_step_jit(
+        state, pre, rho_next, info = admm_step_jit(
             problem, pre, state, rho, beta, gamma, pcg_tol, pcg_iters, abs_tol, rel_tol, balance_mu, balance_tau,
             sketch_key, balance=settings.balance_tau > 1,
         )
-        v_sum, v_average, objectives, violations = _track(problem, v_sum, state.v, jnp.asarray(k, dtype), beta)
+        # Balancing rescales nu by rho / rho_next, so rho_next * nu is the unscaled multiplier either way.
+        v_sum, v_average, objectives, violations, lower_bound = _track(
+            problem, v_sum, state, rho_next, jnp.asarray(k, dtype), beta
+        )
+        rho = rho_next
         objective_last, objective_average = np.asarray(objectives).tolist()
         violation_last, violation_average = np.asarray(violations).tolist()
         record = {key: value.item() for key, value in jax.device_get(info).items()}
@@ -745,6 +802,8 @@ def run_cronos(
             objective_average=float(objective_average),
             constraint_violation=float(violation_last),
             constraint_violation_average=float(violation_average),
+            dual_bound=float(lower_bound),
+            duality_gap=float((objective_last - float(lower_bound)) / max(abs(objective_last), 1e-30)),
             pcg_status=PCG_STATUS_NAMES[int(record["pcg_status"])],
             pcg_iterations=int(record["pcg_iterations"]),
             converged=bool(record["converged"]),
@@ -787,6 +846,9 @@ def run_cronos(
         iterations.set_postfix(objective=f"{record['objective']:.4g}", pcg=record["pcg_iterations"])
         if record["converged"]:
             status = "converged"
+            break
+        if settings.gap_tol > 0 and record["duality_gap"] <= settings.gap_tol:
+            status = "duality_gap"
             break
         if validation is not None and settings.patience > 0 and since_improvement >= settings.patience:
             status = "validation_patience"
