@@ -179,8 +179,8 @@ def main() -> None:
                         help="Stage 1 feature folders written by extract.py (pool mean) to benchmark")
     parser.add_argument("--num_patterns", type=int, default=10, help="P")
     parser.add_argument("--beta", type=float, default=1.0, help="group-lasso strength")
-    parser.add_argument("--rho", type=float, default=1.0, help="ADMM penalty")
-    parser.add_argument("--admm_iters", type=int, default=200, help="ADMM iterations of the float32 run")
+    parser.add_argument("--rho", type=float, default=0.3, help="ADMM penalty")
+    parser.add_argument("--admm_iters", type=int, default=500, help="ADMM iterations of the float32 run")
     parser.add_argument("--reference_iters", type=int, default=3000,
                         help="ADMM iteration cap of the float64 reference (it stops earlier at relative tolerance 1e-6)")
     parser.add_argument("--reference_rho", type=float, default=0.3,
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--abs_tol", type=float, default=1e-5, help="absolute residual tolerance of the float32 run")
     parser.add_argument("--patience", type=int, default=10,
                         help="validation patience (ADMM iterations) of the early-stopped float32 run")
-    parser.add_argument("--preconditioner", type=str, default="nystrom", choices=["nystrom", "block_nystrom"],
+    parser.add_argument("--preconditioner", type=str, default="block_nystrom", choices=["nystrom", "block_nystrom"],
                         help="PCG preconditioner of both float32 CRONOS runs")
     parser.add_argument("--adamw_weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--output", type=Path, default=Path("/tmp/coala_bench_cronos.json"), help="results JSON")
