@@ -77,12 +77,17 @@ def check_offline_data(scale: Scale, table: str) -> None:
     if table in ("table1", "table2"):
         needed.append(alpaca_reference())
     missing = [path for path in needed if not path.exists()]
-    if missing:
-        raise SystemExit(
-            f"Data file not found: {missing[0]}. Set {OFFLINE_DATA_ENV} to the folder that contains "
-            "alpaca_eval/gpt4_1106_preview_model_outputs.json.gz (the gpt4_1106_preview model outputs of the "
-            "tatsu-lab/alpaca_eval hub data set) and alpaca_eval/preference_pairs.jsonl.gz."
-        )
+    if not missing:
+        return
+    offline = offline_data_dir()
+    if not missing[0].is_relative_to(offline):
+        raise SystemExit(f"Data path not found: {missing[0]}.")
+    raise SystemExit(
+        f"Data file not found: {missing[0]}. Set {OFFLINE_DATA_ENV} to the folder that contains "
+        f"{missing[0].relative_to(offline)}"
+        + (" (the gpt4_1106_preview model outputs of the tatsu-lab/alpaca_eval hub data set)."
+           if missing[0] == alpaca_reference() else ".")
+    )
 
 
 def make_scale(name: str, work: Path) -> Scale:
@@ -586,10 +591,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results_root = Path(args.results_root)
     work = Path(args.work_dir) if args.work_dir else results_root / "work" / "runs" / args.scale
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(REPO_ROOT)
     scale = make_scale(args.scale, work)
     check_offline_data(scale, args.table)
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(REPO_ROOT)
     prepare_models(scale, work)
     results = results_root / RESULT_FOLDERS[args.table]
     if args.table == "table2":

@@ -51,3 +51,13 @@ def test_script_runs_at_ci_scale(script, table, ci_roots):
         llama = [row for row in rows if row["model"] == "Llama-3.1-8B" and row["method"] == "COALA"]
         assert llama and 0 < float(llama[0]["ours COALA / DPO"]) < 1
         assert abs(float(llama[0]["paper COALA / DPO"]) - 0.176) < 0.001
+
+
+def test_missing_offline_data_stops_before_work(tmp_path):
+    env = {**os.environ, "SCALE": "small", "RESULTS_ROOT": str(tmp_path / "results"), "COALA_OFFLINE_DATA": str(tmp_path / "empty")}
+    completed = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "table1_alpacaeval.sh")], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "COALA_OFFLINE_DATA" in completed.stderr
+    assert "gpt4_1106_preview_model_outputs.json.gz" in completed.stderr
+    assert not (tmp_path / "results").exists()
