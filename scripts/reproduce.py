@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,8 +189,50 @@ def done(path: Path) -> bool:
     return path.exists()
 
 
+# Settings that name where a run went, how it logged, or an extra report. They do not change what it computed.
+UNCOMPARED_SETTINGS = frozenset({"config", "output_dir", "no_progress", "verbose", "device", "compare_adamw"})
+
+
+def parsed_settings(parser: argparse.ArgumentParser, argv: list[str], section: str) -> dict[str, Any]:
+    """Return the settings a stage would run with, as JSON values (the form its saved config has)."""
+    from coala.config import parse_args_with_config
+
+    return json.loads(json.dumps(vars(parse_args_with_config(parser, argv, section=section)), default=str))
+
+
+def same_setting(saved: Any, current: Any) -> bool:
+    """Compare two setting values, treating a relative and an absolute spelling of one path as equal."""
+    if saved == current:
+        return True
+    return isinstance(saved, str) and isinstance(current, str) and os.path.abspath(saved) == os.path.abspath(current)
+
+
+def reusable(output: Path, marker: Path, saved: Path, settings: dict[str, Any], inputs: tuple[Path, ...] = ()) -> bool:
+    """Return True when ``marker`` exists, the run's ``saved`` settings equal ``settings`` and no input is newer.
+
+    A finished run whose settings changed (new defaults, an edited YAML config) or
+    whose ``inputs`` (files of upstream runs) were rewritten after it is deleted, so
+    that the stage runs again from scratch.
+    """
+    if not done(marker):
+        return False
+    stored = json.loads(saved.read_text()) if saved.is_file() else {}
+    reasons = [
+        f"{name}: {stored[name]!r} -> {value!r}"
+        for name, value in settings.items()
+        # With None the stage derives the value (a model name, a default path) and saves the derived value.
+        if name in stored and name not in UNCOMPARED_SETTINGS and value is not None and not same_setting(stored[name], value)
+    ]
+    reasons += [f"{path} is newer" for path in inputs if path.exists() and path.stat().st_mtime > marker.stat().st_mtime]
+    if not reasons:
+        return True
+    logger.warning("Rerunning %s: %s", output, "; ".join(reasons))
+    shutil.rmtree(output)
+    return False
+
+
 # ---------------------------------------------------------------------------
-# Stages (each skipped when its output exists)
+# Stages (each skipped when its output exists with the same settings)
 
 
 def run_coala(scale: Scale, work: Path, model: str, dataset: str, seed: int, compare_adamw: bool = False) -> dict[str, Path]:
@@ -207,13 +250,17 @@ def run_coala(scale: Scale, work: Path, model: str, dataset: str, seed: int, com
         if scale.max_pairs:
             argv += ["--max_pairs", str(scale.max_pairs)]
         extract.main(argv)
-    if not done(head / "head.safetensors") or (compare_adamw and not done(head / "adamw_comparison.json")):
-        argv = [*flags, "--features_dir", str(features), "--output_dir", str(head), "--seed", str(seed), *scale.cronos_flags]
-        if compare_adamw:
-            argv += ["--compare_adamw", *scale.adamw_flags]
-        cronos_trainer.main(argv)
-    if not done(tuned / "metrics.json"):
-        finetune_coala.main([*flags, "--model_path", str(head), "--output_dir", str(tuned), "--seed", str(seed), *scale.finetune_flags])
+    # The AdamW settings are always compared, so a head trained with --compare_adamw also serves runs without it.
+    argv = [*flags, "--features_dir", str(features), "--output_dir", str(head), "--seed", str(seed), *scale.cronos_flags,
+            *scale.adamw_flags]
+    settings = parsed_settings(cronos_trainer.build_parser(), argv, "cronos")
+    head_ready = reusable(head, head / "head.safetensors", head / "config.json", settings, inputs=(features / "manifest.json",))
+    if not head_ready or (compare_adamw and not done(head / "adamw_comparison.json")):
+        cronos_trainer.main([*argv, "--compare_adamw"] if compare_adamw else argv)
+    argv = [*flags, "--model_path", str(head), "--output_dir", str(tuned), "--seed", str(seed), *scale.finetune_flags]
+    settings = parsed_settings(finetune_coala.build_parser(), argv, "finetune")
+    if not reusable(tuned, tuned / "metrics.json", tuned / "resolved_config.json", settings, inputs=(head / "head.safetensors",)):
+        finetune_coala.main(argv)
     return {"features": features, "head": head, "finetuned": tuned}
 
 
@@ -222,12 +269,13 @@ def run_baseline(scale: Scale, work: Path, method: str, model: str, dataset: str
     from coala.config import parse_args_with_config
 
     out = work / "baselines" / model / dataset / f"{method}-seed{seed}"
-    if done(out / baselines.METRICS_FILE):
-        return out
     argv = [*config_flags(scale, model, dataset), "--model_path", scale.models[model], "--data_path", scale.datasets[dataset],
             "--output_dir", str(out), "--seed", str(seed), "--max_length", str(scale.max_length), *scale.baseline_flags]
     if scale.max_pairs:
         argv += ["--max_pairs", str(scale.max_pairs)]
+    settings = parsed_settings(baselines.build_parser(method), argv, method)
+    if reusable(out, out / baselines.METRICS_FILE, out / baselines.RUN_CONFIG_FILE, settings):
+        return out
     args = parse_args_with_config(baselines.build_parser(method), argv, section=method)
     baselines.run_baseline(method, args)
     return out
@@ -238,20 +286,24 @@ def run_eval(scale: Scale, work: Path, method: str, model: str, dataset: str, se
     import eval_alpaca
 
     out = work / "eval" / model / method / dataset / f"seed{seed}"
-    if done(out / "metrics.json"):
-        return out
     common = [*config_flags(scale, model, dataset)]
     if method == "COALA":
-        coala = run_coala(scale, work, model, dataset, seed)
-        source = ["--model_path", scale.models[model], "--head", str(coala["finetuned"])]
+        tuned = run_coala(scale, work, model, dataset, seed)["finetuned"]
+        source = ["--model_path", scale.models[model], "--head", str(tuned)]
+        upstream = tuned / "head.safetensors"
     else:
-        source = ["--model_path", str(run_baseline(scale, work, method.lower(), model, dataset, seed))]
+        adapter = run_baseline(scale, work, method.lower(), model, dataset, seed)
+        source = ["--model_path", str(adapter)]
+        upstream = adapter / "metrics.json"
     generate = ["generate", *common, *source, "--eval_set", str(alpaca_reference()), "--output_dir", str(out),
                 "--max_new_tokens", str(scale.max_new_tokens), "--seed", str(seed), "--generator_name", method]
     if scale.eval_instances:
         generate += ["--max_instances", str(scale.eval_instances)]
     if scale.name != "paper":
         generate += ["--device", "cpu"]
+    settings = json.loads(json.dumps(vars(eval_alpaca.parse_command_line(generate)[1]), default=str))
+    if reusable(out, out / "metrics.json", out / "generation_config.json", settings, inputs=(upstream,)):
+        return out
     if not done(out / "model_outputs.json") or scale.eval_instances is None:
         eval_alpaca.main(generate)
     judge = ["judge", *common, "--outputs", str(out / "model_outputs.json"), "--reference", str(alpaca_reference()), "--judge", scale.judge,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -61,3 +62,45 @@ def test_missing_offline_data_stops_before_work(tmp_path):
     assert "COALA_OFFLINE_DATA" in completed.stderr
     assert "gpt4_1106_preview_model_outputs.json.gz" in completed.stderr
     assert not (tmp_path / "results").exists()
+
+
+def load_reproduce():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO_ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_finished_run(folder: Path, settings: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(settings))
+    marker = folder / "metrics.json"
+    marker.write_text("{}")
+    return marker
+
+
+def test_reusable_run_cache(tmp_path):
+    reproduce = load_reproduce()
+    saved = {"rho": 0.3, "features_dir": "results/x", "model_name": "SmolLM2", "output_dir": "a"}
+    run = tmp_path / "run"
+    marker = make_finished_run(run, saved)
+
+    same = {"rho": 0.3, "features_dir": str(Path("results/x").resolve()), "model_name": None, "output_dir": "b"}
+    assert reproduce.reusable(run, marker, run / "config.json", same)
+    assert run.exists()
+
+    upstream = tmp_path / "upstream.json"
+    upstream.write_text("{}")
+    os.utime(marker, (1, 1))
+    assert not reproduce.reusable(run, marker, run / "config.json", same, inputs=(upstream,))
+    assert not run.exists()
+
+    marker = make_finished_run(run, saved)
+    assert not reproduce.reusable(run, marker, run / "config.json", {**same, "rho": 1.0})
+    assert not run.exists()
+
+    assert not reproduce.reusable(run, marker, run / "config.json", same)
