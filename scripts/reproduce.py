@@ -6,7 +6,8 @@
 The shell scripts scripts/figure1_reward_margins.sh etc. call this. Every
 stage runs the project's own command-line programs in this process (their
 ``main(argv)``), so Python and torch start once. Finished stages are reused
-from the work folder, so table2 reuses table1's generations.
+from the work folder, so table2 reuses table1's generations. A finished stage
+runs again when its settings changed or an upstream run was rewritten after it.
 
 Scales:
   ci     a tiny randomly initialized Llama built on the spot, 40 AlpacaEval
