@@ -74,9 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "(Boyd et al. 2011, 3.3.1); 0 with --rel_tol 0 runs all --admm_iters")
     solver.add_argument("--rel_tol", type=float, default=1e-3,
                         help="relative tolerance of the residual stopping rule, in [0, 1)")
-    solver.add_argument("--gap_tol", type=float, default=0.0,
-                        help="stop once the relative duality gap (objective minus a certified lower bound on the "
-                             "optimum, over the objective) is at most this, in [0, 1); 0 = off")
     solver.add_argument("--patience", type=int, default=0,
                         help="stop once validation accuracy has not improved for this many ADMM iterations; 0 = off")
     solver.add_argument("--balance_tau", type=float, default=1.0,
@@ -153,7 +150,7 @@ def solver_settings(args: argparse.Namespace) -> "CronosSettings":  # noqa: F821
         beta=args.beta, rho=args.rho, step_ratio=args.step_ratio, admm_iters=args.admm_iters,
         pcg_iters=args.pcg_iters, pcg_tol=args.pcg_tol, nystrom_rank=args.nystrom_rank,
         preconditioner=args.preconditioner, seed=args.seed,
-        abs_tol=args.abs_tol, rel_tol=args.rel_tol, gap_tol=args.gap_tol, patience=args.patience, balance_tau=args.balance_tau,
+        abs_tol=args.abs_tol, rel_tol=args.rel_tol, patience=args.patience, balance_tau=args.balance_tau,
         balance_mu=args.balance_mu,
     )
 

@@ -101,8 +101,43 @@ def parse_args_with_config(
                 f"Config file {config_path} has unknown keys {unknown}; "
                 f"valid keys are the flag names of this script: {sorted(known)}."
             )
-        parser.set_defaults(**{key: value for key, value in values.items() if key in known})
+        parser.set_defaults(**{
+            key: convert_config_value(known[key], value, config_path) for key, value in values.items() if key in known
+        })
     return parser.parse_args(argv)
+
+
+def convert_config_value(action: argparse.Action, value: Any, config_path: str) -> Any:
+    """Convert a YAML value with the flag's own ``type``, as argparse converts a command-line string.
+
+    argparse applies ``type`` only to strings, so without this a YAML ``5.0`` for an
+    integer flag or ``null`` for a float flag would reach the solver unchecked.
+    Raises ``ConfigError`` naming the key and the value when the conversion fails.
+    """
+    if action.type is None:
+        return value
+    if value is None:
+        if action.default is None:
+            return None
+        raise ConfigError(f"Config file {config_path}: {action.dest}=null is invalid; give a value or remove the key.")
+    if isinstance(value, list):
+        if action.nargs in (None, "?"):
+            raise ConfigError(f"Config file {config_path}: {action.dest}={value!r} is invalid; it takes one value, not a list.")
+        return [convert_scalar(action, item, config_path) for item in value]
+    return convert_scalar(action, value, config_path)
+
+
+def convert_scalar(action: argparse.Action, value: Any, config_path: str) -> Any:
+    """Convert one YAML scalar with ``action.type``; raise ``ConfigError`` for booleans, mappings and bad values."""
+    type_name = getattr(action.type, "__name__", "value")
+    if isinstance(value, (bool, dict, list)) or value is None:
+        raise ConfigError(f"Config file {config_path}: {action.dest}={value!r} is invalid; it takes a {type_name}.")
+    try:
+        return action.type(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise ConfigError(
+            f"Config file {config_path}: {action.dest}={value!r} is invalid; it takes a {type_name} ({error})."
+        ) from error
 
 
 def namespace_to_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -288,10 +288,10 @@ def dual_bound(problem: Problem, v: Array, nu: Array, rho: Array, beta: Array) -
     optimum from below, at every iterate. At a primal-dual solution the bound is tight.
 
     NOTE: ``objective(v) - dual_bound`` bounds the objective gap of v only when v is
-    feasible. ADMM's v may violate ``G v >= 0`` slightly (``constraint_violation``), and
-    then its objective can lie below the optimum. The dual variables also converge more
-    slowly than the objective, so in float32 the bound can stay loose while the
-    objective is already within 1e-3 of the optimum.
+    feasible. ADMM's v violates ``G v >= 0`` until it converges, and even a violation of
+    0.5% of ``||G v||`` can leave its objective several percent below the optimum, so the
+    gap of an ADMM iterate is no stopping rule. The bound itself is valid at every
+    iterate. It certifies a reference run whose constraint violation is at rounding level.
 
     Args:
       problem: the program.
@@ -312,7 +312,8 @@ def dual_bound(problem: Problem, v: Array, nu: Array, rho: Array, beta: Array) -
     w_norm2 = jnp.sum(w * w)
     # The dual is a concave quadratic in t, maximized at -w^T y / ||w||^2.
     t = jnp.clip(-jnp.dot(w, y) / jnp.maximum(w_norm2, tiny), 0.0, t_max)
-    return -0.5 * t * t * w_norm2 - t * jnp.dot(w, y)
+    # At t = 0 the bound is 0 even when ||w||^2 overflows to inf (0 * inf would give NaN).
+    return jnp.where(t > 0, -0.5 * t * t * w_norm2 - t * jnp.dot(w, y), 0.0)
 
 
 def build_preconditioner(problem: Problem, rho: Array, rank: int, key: Array) -> NystromPreconditioner:
@@ -573,8 +574,6 @@ class CronosSettings:
       seed: seed of the Nystrom test matrix.
       abs_tol, rel_tol: stopping rule on the primal and dual residuals (``admm_step``);
         both 0 runs all ``admm_iters`` iterations.
-      gap_tol: stop once the relative duality gap of the last iterate (``dual_bound``) is at
-        most this; 0 turns it off.
       patience: stop once the validation accuracy (text, then pairwise) has not
         improved for this many iterations; 0 turns it off. Needs a validation split.
       balance_tau: residual balancing multiplies or divides rho by this factor (> 1)
@@ -593,7 +592,6 @@ class CronosSettings:
     seed: int = 0
     abs_tol: float = 0.0
     rel_tol: float = 0.0
-    gap_tol: float = 0.0
     patience: int = 0
     balance_tau: float = 1.0
     balance_mu: float = 10.0
@@ -611,7 +609,6 @@ class CronosSettings:
             ("preconditioner", self.preconditioner in PRECONDITIONERS, f"one of {', '.join(PRECONDITIONERS)}"),
             ("abs_tol", 0 <= self.abs_tol < 1, "in [0, 1)"),
             ("rel_tol", 0 <= self.rel_tol < 1, "in [0, 1)"),
-            ("gap_tol", 0 <= self.gap_tol < 1, "in [0, 1) (0 = off)"),
             ("patience", int(self.patience) == self.patience and self.patience >= 0, "an integer >= 0 (0 = off)"),
             ("balance_tau", 1 <= self.balance_tau < math.inf, "a finite number >= 1 (1 = fixed rho)"),
             ("balance_mu", 1 < self.balance_mu < math.inf, "a finite number > 1"),
@@ -653,7 +650,7 @@ class CronosResult:
       seconds: wall time of the whole run, including compilation.
       compile_seconds: wall time of the first ADMM step (compilation included).
       status: why the run stopped: ``"converged"`` (residual stopping rule),
-        ``"duality_gap"`` (``gap_tol``), ``"validation_patience"`` or ``"max_iterations"``.
+        ``"validation_patience"`` or ``"max_iterations"``.
       iterations: ADMM iterations run.
     """
 
@@ -691,18 +688,21 @@ def _scores(X: Array, v: Array, v_average: Array) -> Array:
 @jax.jit
 def _track(
     problem: Problem, v_sum: Array, state: ADMMState, rho: Array, k: Array, beta: Array
-) -> tuple[Array, Array, Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array, Array, Array]:
     """Add v to the running sum and score the last and the averaged iterate.
 
     Returns the new sum, the average, objectives (2,) and constraint violations (2,) of
-    (last, average), and the ``dual_bound`` of the last iterate.
+    (last, average), the ``dual_bound`` of the last iterate, and its constraint
+    violation relative to ``||G v||``.
     """
     v = state.v
     v_sum = v_sum + v
     v_average = v_sum / k
     objectives = jnp.stack([cvxnn.objective(problem.X, problem.D, problem.y, w, beta) for w in (v, v_average)])
     violations = jnp.stack([cvxnn.constraint_violation(problem.X, problem.D, w) for w in (v, v_average)])
-    return v_sum, v_average, objectives, violations, dual_bound(problem, v, state.nu, rho, beta)
+    Gv_norm = jnp.linalg.norm(cvxnn.G_apply(problem.X, problem.D, v))
+    relative_violation = jnp.where(Gv_norm > 0, violations[0] / jnp.maximum(Gv_norm, jnp.finfo(v.dtype).tiny), 0.0)
+    return v_sum, v_average, objectives, violations, dual_bound(problem, v, state.nu, rho, beta), relative_violation
 
 
 def _validation_score(record: dict[str, Any], suffix: str) -> tuple[float, float]:
@@ -727,17 +727,17 @@ def run_cronos(
     """Run CRONOS on ``problem``, recording diagnostics per iteration and keeping the best iterate.
 
     Every iteration records the objective and constraint violation of the last v
-    and of the ergodic average, a lower bound on the optimum (``dual_bound``) and the
-    relative duality gap of the last v (``duality_gap``, a certified bound on its
-    relative objective gap when v is feasible), the residuals and their tolerances, rho, the PCG
+    and of the ergodic average, a lower bound on the optimum (``dual_bound``), the
+    relative duality gap of the last v (``duality_gap``, a bound on its relative
+    objective gap only when v is feasible) and its relative constraint violation
+    (``constraint_violation_relative``), the residuals and their tolerances, rho, the PCG
     iteration count, and the accuracies of both iterates on ``train`` and
     ``validation``. The kept iterate maximizes validation text accuracy, then
     validation pairwise accuracy, then lower objective; without a validation split
     the last iterate is kept.
 
     The run stops after ``admm_iters`` iterations, when the residual stopping rule
-    is met (``abs_tol``/``rel_tol``), when the relative duality gap is at most ``gap_tol``,
-    or when validation accuracy has not improved for
+    is met (``abs_tol``/``rel_tol``), or when validation accuracy has not improved for
     ``patience`` iterations. ``CronosResult.status`` records which.
 
     NOTE: The O(1/K) rate of ADMM holds for the ergodic average; the last iterate
@@ -787,7 +787,7 @@ def run_cronos(
             sketch_key, balance=settings.balance_tau > 1,
         )
         # Balancing rescales nu by rho / rho_next, so rho_next * nu is the unscaled multiplier either way.
-        v_sum, v_average, objectives, violations, lower_bound = _track(
+        v_sum, v_average, objectives, violations, lower_bound, relative_violation = _track(
             problem, v_sum, state, rho_next, jnp.asarray(k, dtype), beta
         )
         rho = rho_next
@@ -802,6 +802,7 @@ def run_cronos(
             objective_average=float(objective_average),
             constraint_violation=float(violation_last),
             constraint_violation_average=float(violation_average),
+            constraint_violation_relative=float(relative_violation),
             dual_bound=float(lower_bound),
             duality_gap=float((objective_last - float(lower_bound)) / max(abs(objective_last), 1e-30)),
             pcg_status=PCG_STATUS_NAMES[int(record["pcg_status"])],
@@ -846,9 +847,6 @@ def run_cronos(
         iterations.set_postfix(objective=f"{record['objective']:.4g}", pcg=record["pcg_iterations"])
         if record["converged"]:
             status = "converged"
-            break
-        if settings.gap_tol > 0 and record["duality_gap"] <= settings.gap_tol:
-            status = "duality_gap"
             break
         if validation is not None and settings.patience > 0 and since_improvement >= settings.patience:
             status = "validation_patience"

@@ -58,7 +58,7 @@ def offline_data_dir() -> Path:
 
     ``$COALA_OFFLINE_DATA`` when set, else ``shared/data`` next to the repository folder.
     """
-    configured = os.environ.get(OFFLINE_DATA_ENV)
+    configured = os.environ.get(OFFLINE_DATA_ENV, "").strip()
     if configured:
         return Path(configured).expanduser()
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -642,8 +642,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    results_root = Path(args.results_root)
-    work = Path(args.work_dir) if args.work_dir else results_root / "work" / "runs" / args.scale
+    # Relative paths are taken from the caller's folder; they are made absolute before the chdir below.
+    results_root = Path(args.results_root).expanduser().resolve()
+    work = Path(args.work_dir).expanduser().resolve() if args.work_dir else results_root / "work" / "runs" / args.scale
+    if os.environ.get(OFFLINE_DATA_ENV, "").strip():
+        os.environ[OFFLINE_DATA_ENV] = str(offline_data_dir().resolve())
+    if args.votes:
+        args.votes = str(Path(args.votes).expanduser().resolve())
     scale = make_scale(args.scale, work)
     check_offline_data(scale, args.table)
     work.mkdir(parents=True, exist_ok=True)
@@ -659,4 +664,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from coala.cli import run_cli
+
+    run_cli(main)

@@ -8,9 +8,16 @@
 #
 # RESULTS_ROOT sets where results go; WORK_DIR where runs are cached (default RESULTS_ROOT/work/runs/SCALE).
 set -euo pipefail
+# Relative paths in these variables are taken from the caller's folder, before the cd below.
+for name in RESULTS_ROOT WORK_DIR VOTES COALA_OFFLINE_DATA; do
+  if [ -n "${!name:-}" ] && [ "${!name#/}" = "${!name}" ]; then
+    export "$name=$PWD/${!name}"
+  fi
+done
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-$([ "${SCALE:-small}" = paper ] && echo 0 || echo 1)}"
-args=(table1 --scale "${SCALE:-small}" --results_root "${RESULTS_ROOT:-results}")
+scale="${SCALE-small}"  # an empty SCALE reaches reproduce.py, which rejects it
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-$([ "$scale" = paper ] && echo 0 || echo 1)}"
+args=(table1 --scale "$scale" --results_root "${RESULTS_ROOT:-results}")
 [ -n "${WORK_DIR:-}" ] && args+=(--work_dir "$WORK_DIR")
 
 exec python scripts/reproduce.py "${args[@]}"
