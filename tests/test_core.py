@@ -53,6 +53,26 @@ def test_config_unknown_key_rejected(tmp_path: Path) -> None:
         parse_args_with_config(make_parser(), ["--config", str(config)])
 
 
+@pytest.mark.parametrize("text, key", [("epochs: 5.0\n", "epochs"), ("epochs: 1.5\n", "epochs"),
+                                       ("beta: null\n", "beta"), ("beta: [1, 2]\n", "beta"),
+                                       ("beta: true\n", "beta"), ("epochs: {a: 1}\n", "epochs")])
+def test_config_value_of_wrong_type_rejected(tmp_path: Path, text: str, key: str) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=key):
+        parse_args_with_config(make_parser(), ["--config", str(config)])
+
+
+def test_config_values_get_flag_types(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("beta: 3\nepochs: '4'\n")
+    args = parse_args_with_config(make_parser(), ["--config", str(config)])
+    assert args.beta == 3.0
+    assert isinstance(args.beta, float)
+    assert args.epochs == 4
+    assert isinstance(args.epochs, int)
+
+
 def test_config_missing_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         parse_args_with_config(make_parser(), ["--config", str(tmp_path / "absent.yaml")])
