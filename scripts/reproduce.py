@@ -650,10 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.votes:
         args.votes = str(Path(args.votes).expanduser().resolve())
     scale = make_scale(args.scale, work)
-    check_offline_data(scale, args.table)
+    # Table 2 from supplied votes reads only the votes file: no models, runs or AlpacaEval files.
+    votes_only = args.table == "table2" and args.votes is not None
+    if votes_only and not Path(args.votes).is_file():
+        raise SystemExit(f"Votes file not found: {args.votes}. Pass a CSV with participant,dataset,question,preferred_method.")
+    if not votes_only:
+        check_offline_data(scale, args.table)
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO_ROOT)
-    prepare_models(scale, work)
+    if not votes_only:
+        prepare_models(scale, work)
     results = results_root / RESULT_FOLDERS[args.table]
     if args.table == "table2":
         table2(scale, work, results, args.votes)

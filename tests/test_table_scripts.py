@@ -104,3 +104,16 @@ def test_reusable_run_cache(tmp_path):
     assert not run.exists()
 
     assert not reproduce.reusable(run, marker, run / "config.json", same)
+
+
+def test_table2_from_votes_needs_no_runs(tmp_path):
+    votes = tmp_path / "votes.csv"
+    votes.write_text("participant,dataset,question,preferred_method\np1,Edu,q1,COALA\np2,Edu,q2,DPO\n")
+    env = {**os.environ, "SCALE": "small", "RESULTS_ROOT": str(tmp_path / "results"), "VOTES": str(votes),
+           "COALA_OFFLINE_DATA": str(tmp_path / "empty")}
+    completed = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "table2_human_eval.sh")], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    markdown = (tmp_path / "results" / "table2" / "table.md").read_text()
+    assert "human votes supplied by the user" in markdown
+    assert not (tmp_path / "results" / "work" / "runs" / "small" / "models").exists()
