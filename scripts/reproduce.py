@@ -198,7 +198,12 @@ def parsed_settings(parser: argparse.ArgumentParser, argv: list[str], section: s
     """Return the settings a stage would run with, as JSON values (the form its saved config has)."""
     from coala.config import parse_args_with_config
 
-    return json.loads(json.dumps(vars(parse_args_with_config(parser, argv, section=section)), default=str))
+    return json_values(parse_args_with_config(parser, argv, section=section))
+
+
+def json_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Return parsed settings as they read back from a saved JSON config (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(vars(args), default=str))
 
 
 def same_setting(saved: Any, current: Any) -> bool:
@@ -302,7 +307,7 @@ def run_eval(scale: Scale, work: Path, method: str, model: str, dataset: str, se
         generate += ["--max_instances", str(scale.eval_instances)]
     if scale.name != "paper":
         generate += ["--device", "cpu"]
-    settings = json.loads(json.dumps(vars(eval_alpaca.parse_command_line(generate)[1]), default=str))
+    settings = json_values(eval_alpaca.parse_command_line(generate)[1])
     if reusable(out, out / "metrics.json", out / "generation_config.json", settings, inputs=(upstream,)):
         return out
     if not done(out / "model_outputs.json") or scale.eval_instances is None:
